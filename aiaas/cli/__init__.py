@@ -1,0 +1,1 @@
+"""The ``aiaas`` command: a thin click layer over plain functions."""

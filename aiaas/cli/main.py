@@ -1,0 +1,53 @@
+"""The umbrella ``aiaas`` command.
+
+Subcommand groups are named by import string and imported only when used (click's LazyGroup
+pattern), so ``aiaas --help`` stays fast and never imports torch, and the ``aiaas`` library needs
+no import of ``cluster``/``jobs``/``serve_apps`` (they meet through these strings).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import click
+
+#: name → ("module:attribute", one-line help shown by `aiaas --help` without importing it).
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "validate": ("aiaas.cli.validate:validate", "Validate config files of any kind."),
+    "cluster": ("cluster.cli:cluster", "Start, inspect, stop or render the Ray cluster."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def __init__(self, *args: Any, lazy: dict[str, tuple[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self._lazy])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self._lazy:
+            return super().get_command(ctx, cmd_name)
+        module_name, attribute = self._lazy[cmd_name][0].split(":")
+        command: click.Command = getattr(importlib.import_module(module_name), attribute)
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # The listing uses the help strings above, so `aiaas --help` imports no group.
+        rows = [(name, self._lazy[name][1]) for name in sorted(self._lazy)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, lazy=SUBCOMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="aiaas")
+def cli() -> None:
+    """aiaas: train, register, serve and watch models on a Ray cluster, driven by YAML.
+
+    Every command checks its inputs before it touches Ray, prints what it did and what to run
+    next, and exits 1 with 'Error: ...' on a problem you can fix (AIAAS_DEBUG=1 shows tracebacks).
+    """

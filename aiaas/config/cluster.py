@@ -1,0 +1,283 @@
+"""``kind: cluster`` — the embedded multi-node Ray cluster and how it renders for bigger ones.
+
+The same file describes a head node and groups of worker nodes. ``aiaas cluster up`` starts them
+as separate ``ray start`` processes on this machine; ``aiaas cluster render`` turns the same
+description into a ``ray up`` cluster YAML or a KubeRay ``RayCluster`` manifest.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import (
+    ByteSize,
+    Field,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    field_validator,
+    model_validator,
+)
+
+from aiaas.config.base import ConfigModel, Name, Port
+
+#: Ray's plasma store refuses less than 75 MiB.
+_MIN_OBJECT_STORE = 75 * 1024 * 1024
+_RESERVED_RESOURCES = {
+    "CPU": "num_cpus",
+    "GPU": "num_gpus",
+    "memory": "memory",
+    "object_store_memory": "object_store_memory",
+}
+_STORAGE_SCHEMES = ("file", "s3", "gs")
+# Kubernetes label syntax, which Ray enforces for node labels.
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+class NodeSpec(ConfigModel):
+    """Resources of one Ray node; what ``ray start`` is told the node has."""
+
+    num_cpus: NonNegativeInt = Field(
+        description="logical CPUs Ray may schedule on the node (may exceed the cores: they are "
+        "scheduling slots, not cores)"
+    )
+    num_gpus: NonNegativeInt = Field(0, description="GPUs on the node; 0 on CPU-only machines")
+    memory: ByteSize = Field(
+        description="memory Ray may schedule for tasks and actors, e.g. '4GiB'; set it, or every "
+        "node on one machine claims all of the machine's RAM"
+    )
+    object_store_memory: ByteSize = Field(
+        description="shared-memory object store size, e.g. '512MiB' (at least 75MiB)"
+    )
+    resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="custom resources, e.g. {accelerator_slot: 1}; select nodes with them in "
+        "train/serve configs",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="node labels for label-based scheduling"
+    )
+
+    @field_validator("object_store_memory")
+    @classmethod
+    def _object_store_large_enough(cls, value: ByteSize) -> ByteSize:
+        if value < _MIN_OBJECT_STORE:
+            raise ValueError(
+                f"{value.human_readable()} is below Ray's minimum object store of 75MiB; "
+                "set at least '75MiB'"
+            )
+        return value
+
+    @field_validator("resources")
+    @classmethod
+    def _no_builtin_resources(cls, value: dict[str, float]) -> dict[str, float]:
+        for name in value:
+            if name in _RESERVED_RESOURCES:
+                raise ValueError(
+                    f"'{name}' is a built-in Ray resource; set it with the node's "
+                    f"'{_RESERVED_RESOURCES[name]}' field instead of under 'resources'"
+                )
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _kubernetes_label_syntax(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, label in value.items():
+            if not _LABEL_KEY.match(key):
+                raise ValueError(
+                    f"label key '{key}' is not a valid Kubernetes label key (letters, digits, "
+                    "'-', '_', '.', at most 63 characters, optional 'prefix/')"
+                )
+            if not _LABEL_VALUE.match(label):
+                raise ValueError(
+                    f"label value '{label}' of '{key}' is not a valid Kubernetes label value "
+                    "(letters, digits, '-', '_', '.', at most 63 characters)"
+                )
+        return value
+
+
+class HeadSpec(NodeSpec):
+    """The head node: GCS, dashboard, Jobs API. It also runs tasks unless ``num_cpus`` is 0."""
+
+
+class WorkerGroup(NodeSpec):
+    """A group of identical worker nodes."""
+
+    name: Name = Field(description="group name; node i is called '<name>-<i>'")
+    replicas: NonNegativeInt = Field(1, description="worker nodes started by 'aiaas cluster up'")
+    max_replicas: NonNegativeInt | None = Field(
+        None,
+        description="upper bound for the autoscaler in rendered ray-up/KubeRay clusters; "
+        "defaults to 'replicas'",
+    )
+
+    @model_validator(mode="after")
+    def _max_not_below_replicas(self) -> WorkerGroup:
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(
+                f"max_replicas ({self.max_replicas}) is below replicas ({self.replicas}); "
+                "raise max_replicas or lower replicas"
+            )
+        return self
+
+    @property
+    def autoscale_max(self) -> int:
+        """The largest number of nodes the group may grow to."""
+        return self.replicas if self.max_replicas is None else self.max_replicas
+
+
+class HeadPorts(ConfigModel):
+    """Fixed ports of the head node. Worker ports are picked free at start and recorded."""
+
+    gcs: Port = Field(6379, description="GCS port; workers and drivers join the cluster here")
+    dashboard: Port = Field(8265, description="Ray dashboard and Jobs API")
+    client_server: Port = Field(10001, description="Ray Client server (ray://)")
+    metrics_export: Port = Field(
+        8090, description="the head's Prometheus metrics endpoint (Ray exports on all interfaces)"
+    )
+
+    @model_validator(mode="after")
+    def _distinct(self) -> HeadPorts:
+        seen: dict[int, str] = {}
+        for field_name in type(self).model_fields:
+            port = getattr(self, field_name)
+            if port in seen:
+                raise ValueError(
+                    f"'{field_name}' and '{seen[port]}' both use port {port}; give each its own port"
+                )
+            seen[port] = field_name
+        return self
+
+
+class RayUpSpec(ConfigModel):
+    """What a ``ray up`` cluster YAML needs beyond the node resources."""
+
+    provider: dict[str, Any] = Field(
+        description="ray-up 'provider' block, passed through, e.g. {type: aws, region: us-west-2}"
+    )
+    head_node_config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="provider-specific node_config of the head, e.g. {InstanceType: m5.2xlarge}",
+    )
+    worker_node_configs: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="provider-specific node_config per worker group name",
+    )
+    ssh_user: str = Field("ubuntu", description="user ray up logs in as")
+    idle_timeout_minutes: PositiveFloat = Field(5, description="autoscaler scale-down delay")
+
+    @field_validator("provider")
+    @classmethod
+    def _provider_has_type(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "type" not in value:
+            raise ValueError("needs a 'type', e.g. {type: aws, region: us-west-2}")
+        return value
+
+
+class KubeRaySpec(ConfigModel):
+    """What a KubeRay ``RayCluster`` manifest needs beyond the node resources."""
+
+    namespace: str = Field("default", description="Kubernetes namespace of the RayCluster")
+    service_account: str | None = Field(None, description="service account of the Ray pods")
+
+
+class DeploySpec(ConfigModel):
+    """Used only by ``aiaas cluster render``: how the cluster runs off this machine."""
+
+    image: str = Field(
+        "rayproject/ray:2.60.0-py311-cpu",
+        description="container image of every node; use a -gpu image for GPU groups",
+    )
+    storage_root: str | None = Field(
+        None,
+        description="storage root shared by all nodes (s3:// or gs://); defaults to the "
+        "top-level storage_root",
+    )
+    ray_up: RayUpSpec | None = Field(None, description="settings for --target ray-up")
+    kuberay: KubeRaySpec = Field(default_factory=KubeRaySpec, description="settings for --target kuberay")
+
+
+class ClusterConfig(ConfigModel):
+    """A Ray cluster: one head, groups of workers, where data lives, which ports it uses."""
+
+    kind: Literal["cluster"] = Field(description="always 'cluster'")
+    name: Name = Field("local", description="cluster name; keys its state and temp dirs")
+    storage_root: str = Field(
+        "~/.aiaas",
+        description="where checkpoints, data sets, job records and the registry live: a local "
+        "directory, or an s3:// / gs:// URI for clusters of several machines",
+    )
+    temp_root: str = Field(
+        "/tmp/aiaas",
+        description="parent of each node's Ray temp dir; keep it short (Ray's socket paths "
+        "must stay under 107 characters)",
+    )
+    dashboard_host: str = Field(
+        "127.0.0.1", description="address the dashboard and Jobs API bind; keep loopback locally"
+    )
+    auth_mode: Literal["disabled", "token"] = Field(
+        "disabled",
+        description="Ray's RAY_AUTH_MODE, set the same in every node so a stray ~/.ray/auth_token "
+        "cannot turn auth on for some processes only",
+    )
+    head: HeadSpec = Field(description="the head node")
+    worker_groups: list[WorkerGroup] = Field(
+        default_factory=list, description="groups of worker nodes"
+    )
+    ports: HeadPorts = Field(default_factory=HeadPorts, description="fixed ports of the head")
+    env: dict[str, str] = Field(
+        default_factory=dict,
+        description="environment variables for every Ray process of the cluster",
+    )
+    startup_timeout_s: PositiveFloat = Field(
+        90, description="how long 'cluster up' waits for every node to be alive"
+    )
+    deploy: DeploySpec = Field(
+        default_factory=DeploySpec, description="how 'cluster render' targets ray up / KubeRay"
+    )
+
+    @field_validator("storage_root")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        scheme = urlparse(value).scheme
+        if scheme and len(scheme) > 1 and scheme not in _STORAGE_SCHEMES:
+            raise ValueError(
+                f"scheme '{scheme}://' is not supported; use a local path, file://, s3:// or gs://"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _unique_group_names(self) -> ClusterConfig:
+        names = [group.name for group in self.worker_groups]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(
+                f"worker group name(s) {', '.join(duplicates)} used more than once; "
+                "give every group its own name"
+            )
+        if "head" in names:
+            raise ValueError("'head' is the head node's name; call the worker group something else")
+        return self
+
+    @property
+    def node_count(self) -> int:
+        """Nodes ``cluster up`` starts: the head plus every worker replica."""
+        return 1 + sum(group.replicas for group in self.worker_groups)
+
+    def local_storage_root(self) -> Path | None:
+        """The storage root as a local absolute path, or None when it is a remote URI."""
+        parsed = urlparse(self.storage_root)
+        if parsed.scheme in ("s3", "gs"):
+            return None
+        raw = parsed.path if parsed.scheme == "file" else self.storage_root
+        return Path(os.path.expanduser(raw)).resolve()
+
+    def dashboard_url(self) -> str:
+        """The HTTP address of the dashboard and Jobs API."""
+        return f"http://{self.dashboard_host}:{self.ports.dashboard}"

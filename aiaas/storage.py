@@ -1,0 +1,89 @@
+"""The storage root: a local directory or an s3:// / gs:// URI, reached through pyarrow.fs.
+
+Everything that must outlive a cluster (data sets, checkpoints, job records, the registry, the
+cluster's own record of what it started) lives here, under relative paths such as
+``clusters/local/state.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from urllib.parse import urlparse
+
+from pyarrow import fs as pafs
+
+from aiaas import errors
+
+
+class Storage:
+    """Files under one storage root.
+
+    Args:
+        root: A local path (``~`` is expanded), ``file://``, ``s3://`` or ``gs://`` URI.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        parsed = urlparse(root)
+        if parsed.scheme in ("s3", "gs"):
+            try:
+                self._fs, self._base = pafs.FileSystem.from_uri(root)
+            except Exception as exc:  # pyarrow raises several types for bad URIs/credentials
+                raise errors.StorageError(
+                    f"storage root {root} cannot be opened: {exc}",
+                    "Check the URI and the credentials in the environment.",
+                ) from None
+        else:
+            local = parsed.path if parsed.scheme == "file" else root
+            self._fs = pafs.LocalFileSystem()
+            self._base = os.path.abspath(os.path.expanduser(local))
+
+    @property
+    def is_local(self) -> bool:
+        """True when the root is a directory on this machine."""
+        return isinstance(self._fs, pafs.LocalFileSystem)
+
+    def path(self, *parts: str) -> str:
+        """The full path of a file under the root, as the filesystem names it."""
+        return "/".join([self._base.rstrip("/"), *parts])
+
+    def read_text(self, relative: str) -> str | None:
+        """The file's text, or None when it does not exist."""
+        full = self.path(relative)
+        if self._fs.get_file_info(full).type == pafs.FileType.NotFound:
+            return None
+        with self._fs.open_input_stream(full) as stream:
+            return bytes(stream.read()).decode("utf-8")
+
+    def write_text(self, relative: str, text: str) -> str:
+        """Write a file so readers see the old or the new content, never half of it.
+
+        Returns:
+            The full path written.
+        """
+        full = self.path(relative)
+        parent = full.rsplit("/", 1)[0]
+        try:
+            self._fs.create_dir(parent, recursive=True)
+            if self.is_local:
+                temporary = f"{full}.{uuid.uuid4().hex}.tmp"
+                with self._fs.open_output_stream(temporary) as stream:
+                    stream.write(text.encode("utf-8"))
+                self._fs.move(temporary, full)
+            else:
+                # Object stores replace whole objects on write, which is already atomic.
+                with self._fs.open_output_stream(full) as stream:
+                    stream.write(text.encode("utf-8"))
+        except OSError as exc:
+            raise errors.StorageError(
+                f"cannot write {full}: {exc}",
+                "Make the storage root writable or set another 'storage_root' in the cluster config.",
+            ) from None
+        return full
+
+    def delete(self, relative: str) -> None:
+        """Remove a file if it exists."""
+        full = self.path(relative)
+        if self._fs.get_file_info(full).type != pafs.FileType.NotFound:
+            self._fs.delete_file(full)

@@ -1,0 +1,168 @@
+"""``aiaas cluster up | status | down | render``: parse, validate, call the launcher, print."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from aiaas.cli import console
+from aiaas.config import loader
+from aiaas.config.cluster import ClusterConfig
+
+DEFAULT_CONFIG = Path("configs/cluster/local.yaml")
+
+_config_argument = click.argument(
+    "config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path)
+)
+
+
+def _load(config_path: Path | None) -> tuple[ClusterConfig, Path]:
+    path = config_path or DEFAULT_CONFIG
+    return loader.load(path, ClusterConfig), path
+
+
+@click.group()
+def cluster() -> None:
+    """Start, inspect, stop or render the Ray cluster described by a cluster config.
+
+    CONFIG defaults to configs/cluster/local.yaml (one head and two workers on this machine).
+    """
+
+
+@cluster.command()
+@_config_argument
+@click.option("--dry-run", is_flag=True, help="Validate and show the nodes; start nothing.")
+@console.user_errors
+def up(config_path: Path | None, dry_run: bool) -> None:
+    """Start the head and worker nodes; report the cluster if it already runs."""
+    from cluster import launcher
+
+    config, path = _load(config_path)
+    if dry_run:
+        for node in launcher.plan(config):
+            spec = node.spec
+            click.echo(
+                f"would start {node.name:<12} {node.role:<6} CPU={spec.num_cpus} GPU={spec.num_gpus} "
+                f"memory={spec.memory.human_readable()} "
+                f"object_store={spec.object_store_memory.human_readable()}"
+            )
+        return
+    result = launcher.up(config, path, echo=click.echo)
+    current = result.state
+    if result.already_running:
+        click.echo(f"Cluster '{config.name}' is already running ({len(current.nodes)} nodes).")
+    elif result.restarted:
+        click.echo(f"Cluster '{config.name}' is running again; restarted {', '.join(result.restarted)}.")
+    else:
+        click.echo(f"Cluster '{config.name}' is up: {len(current.nodes)} nodes alive.")
+    _print_addresses(config, current.gcs_address, current.dashboard_url)
+    console.next_steps(
+        [
+            f"aiaas cluster status {path}",
+            f"ray job submit --address {current.dashboard_url} --working-dir . -- "
+            "python -m jobs.node_report",
+            f"aiaas cluster down {path}",
+        ]
+    )
+
+
+@cluster.command()
+@_config_argument
+@console.user_errors
+def status(config_path: Path | None) -> None:
+    """Show nodes, resources, running jobs and Serve apps."""
+    from cluster import status as cluster_status
+
+    config, path = _load(config_path)
+    report = cluster_status.collect(config)
+    current = report.state
+    _print_addresses(config, current.gcs_address, current.dashboard_url)
+    if not report.reachable:
+        console.fail(
+            f"the head of cluster '{config.name}' does not answer at {current.dashboard_url}\n"
+            f"Restart it: aiaas cluster down {path} && aiaas cluster up {path}"
+        )
+    click.echo(f"\nNodes ({len(report.nodes)} alive):")
+    pids = {node.name: node.pid for node in current.nodes}
+    for node in report.nodes:
+        total = node.get("resources_total", {})
+        custom = {
+            key: value
+            for key, value in total.items()
+            if key not in ("CPU", "GPU", "memory", "object_store_memory") and not key.startswith("node:")
+        }
+        click.echo(
+            f"  {node['node_name']:<12} {'head' if node.get('is_head_node') else 'worker':<6} "
+            f"{node['node_ip']:<15} CPU={total.get('CPU', 0):g} GPU={total.get('GPU', 0):g} "
+            f"memory={total.get('memory', 0) / 2**30:.1f}GiB "
+            f"object_store={total.get('object_store_memory', 0) / 2**30:.2f}GiB"
+            + (f" {custom}" if custom else "")
+            + (f" pid={pids[node['node_name']]}" if node["node_name"] in pids else "")
+        )
+    if report.missing:
+        click.echo(f"  missing: {', '.join(report.missing)} (aiaas cluster up {path} restarts them)")
+    click.echo(f"\nJobs: {len(report.active_jobs)} running of {report.job_count}")
+    for job in report.active_jobs:
+        click.echo(f"  {job.get('submission_id') or job.get('job_id')}  {job['status']:<8} {job['entrypoint']}")
+    click.echo(f"\nServe applications: {len(report.serve_apps)}")
+    for name, app in report.serve_apps.items():
+        click.echo(f"  {name:<16} {app.get('status', '?'):<10} route={app.get('route_prefix')}")
+    console.next_steps([f"ray status --address {current.gcs_address}", f"aiaas cluster down {path}"])
+
+
+@cluster.command()
+@_config_argument
+@console.user_errors
+def down(config_path: Path | None) -> None:
+    """Stop exactly the processes 'up' started, and nothing else."""
+    from cluster import launcher
+
+    config, path = _load(config_path)
+    result = launcher.down(config, echo=click.echo)
+    if not result.found:
+        click.echo(f"No cluster '{config.name}' is recorded under {config.storage_root}; nothing to stop.")
+        return
+    click.echo(
+        f"Cluster '{config.name}' stopped: {len(result.nodes)} nodes, {result.processes} processes."
+    )
+    console.next_steps([f"aiaas cluster up {path}"])
+
+
+@cluster.command()
+@_config_argument
+@click.option(
+    "--target",
+    type=click.Choice(["ray-up", "kuberay"]),
+    required=True,
+    help="ray-up: a `ray up` cluster YAML; kuberay: a KubeRay RayCluster manifest.",
+)
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Write here instead of standard output."
+)
+@console.user_errors
+def render(config_path: Path | None, target: str, output: Path | None) -> None:
+    """Render the cluster for `ray up` or KubeRay, for clusters beyond this machine."""
+    import yaml
+
+    from cluster import render as renderer
+
+    config, path = _load(config_path)
+    rendered = renderer.ray_up(config, path) if target == "ray-up" else renderer.kuberay(config)
+    text = yaml.safe_dump(rendered, sort_keys=False)
+    for warning in renderer.warnings(config):
+        click.echo(f"Warning: {warning}", err=True)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.write_text(text)
+    click.echo(f"Wrote {output}", err=True)
+    launch = f"ray up {output}" if target == "ray-up" else f"kubectl apply -f {output}"
+    console.next_steps([launch])
+
+
+def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str) -> None:
+    click.echo(f"  Dashboard / Jobs API: {dashboard_url}")
+    click.echo(f"  GCS address:          {gcs_address}")
+    click.echo(f"  Metrics (head):       http://127.0.0.1:{config.ports.metrics_export}/metrics")
+    click.echo(f"  Storage root:         {config.storage_root}")

@@ -1,0 +1,1 @@
+"""One module per Ray Serve application: ``Args`` + deployments + ``build_app(args)``."""
