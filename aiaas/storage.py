@@ -78,7 +78,8 @@ class Storage:
         except OSError as exc:
             raise errors.StorageError(
                 f"cannot write {full}: {exc}",
-                "Make the storage root writable or set another 'storage_root' in the cluster config.",
+                "Make the storage root writable, or set another 'storage_root' in the "
+                "cluster config.",
             ) from None
         return full
 

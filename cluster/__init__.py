@@ -1,1 +1,1 @@
-"""The cluster's life: the local multi-node launcher, status, shutdown and rendering for ray up / KubeRay."""
+"""The cluster's life: local multi-node launcher, status, shutdown, ray up / KubeRay rendering."""

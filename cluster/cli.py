@@ -43,7 +43,8 @@ def up(config_path: Path | None, dry_run: bool) -> None:
         for node in launcher.plan(config):
             spec = node.spec
             click.echo(
-                f"would start {node.name:<12} {node.role:<6} CPU={spec.num_cpus} GPU={spec.num_gpus} "
+                f"would start {node.name:<12} {node.role:<6} "
+                f"CPU={spec.num_cpus} GPU={spec.num_gpus} "
                 f"memory={spec.memory.human_readable()} "
                 f"object_store={spec.object_store_memory.human_readable()}"
             )
@@ -53,7 +54,9 @@ def up(config_path: Path | None, dry_run: bool) -> None:
     if result.already_running:
         click.echo(f"Cluster '{config.name}' is already running ({len(current.nodes)} nodes).")
     elif result.restarted:
-        click.echo(f"Cluster '{config.name}' is running again; restarted {', '.join(result.restarted)}.")
+        click.echo(
+            f"Cluster '{config.name}' is running again; restarted {', '.join(result.restarted)}."
+        )
     else:
         click.echo(f"Cluster '{config.name}' is up: {len(current.nodes)} nodes alive.")
     _print_addresses(config, current.gcs_address, current.dashboard_url)
@@ -90,7 +93,8 @@ def status(config_path: Path | None) -> None:
         custom = {
             key: value
             for key, value in total.items()
-            if key not in ("CPU", "GPU", "memory", "object_store_memory") and not key.startswith("node:")
+            if key not in ("CPU", "GPU", "memory", "object_store_memory")
+            and not key.startswith("node:")
         }
         click.echo(
             f"  {node['node_name']:<12} {'head' if node.get('is_head_node') else 'worker':<6} "
@@ -101,14 +105,19 @@ def status(config_path: Path | None) -> None:
             + (f" pid={pids[node['node_name']]}" if node["node_name"] in pids else "")
         )
     if report.missing:
-        click.echo(f"  missing: {', '.join(report.missing)} (aiaas cluster up {path} restarts them)")
+        click.echo(
+            f"  missing: {', '.join(report.missing)} (aiaas cluster up {path} restarts them)"
+        )
     click.echo(f"\nJobs: {len(report.active_jobs)} running of {report.job_count}")
     for job in report.active_jobs:
-        click.echo(f"  {job.get('submission_id') or job.get('job_id')}  {job['status']:<8} {job['entrypoint']}")
+        job_id = job.get("submission_id") or job.get("job_id")
+        click.echo(f"  {job_id}  {job['status']:<8} {job['entrypoint']}")
     click.echo(f"\nServe applications: {len(report.serve_apps)}")
     for name, app in report.serve_apps.items():
         click.echo(f"  {name:<16} {app.get('status', '?'):<10} route={app.get('route_prefix')}")
-    console.next_steps([f"ray status --address {current.gcs_address}", f"aiaas cluster down {path}"])
+    console.next_steps(
+        [f"ray status --address {current.gcs_address}", f"aiaas cluster down {path}"]
+    )
 
 
 @cluster.command()
@@ -121,7 +130,9 @@ def down(config_path: Path | None) -> None:
     config, path = _load(config_path)
     result = launcher.down(config, echo=click.echo)
     if not result.found:
-        click.echo(f"No cluster '{config.name}' is recorded under {config.storage_root}; nothing to stop.")
+        click.echo(
+            f"No cluster '{config.name}' is recorded under {config.storage_root}; nothing to stop."
+        )
         return
     click.echo(
         f"Cluster '{config.name}' stopped: {len(result.nodes)} nodes, {result.processes} processes."

@@ -42,7 +42,11 @@ def holder(port: int) -> str:
     except (psutil.AccessDenied, OSError):
         return "another process"
     for connection in connections:
-        if connection.status == psutil.CONN_LISTEN and connection.laddr and connection.laddr.port == port:
+        if (
+            connection.status == psutil.CONN_LISTEN
+            and connection.laddr
+            and connection.laddr.port == port
+        ):
             if connection.pid is None:
                 return "another process"
             try:

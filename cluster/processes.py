@@ -36,7 +36,10 @@ def leader(pid: int, create_time: float) -> psutil.Process | None:
     """The recorded session leader if it still runs (and is not a reused pid)."""
     try:
         process = psutil.Process(pid)
-        if abs(process.create_time() - create_time) > 1.0 or process.status() == psutil.STATUS_ZOMBIE:
+        if (
+            abs(process.create_time() - create_time) > 1.0
+            or process.status() == psutil.STATUS_ZOMBIE
+        ):
             return None
         return process
     except psutil.Error:

@@ -206,7 +206,10 @@ def _pod_template(
     env: list[dict[str, str]],
     container_ports: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    quantities: dict[str, str] = {"cpu": str(spec.num_cpus or 1), "memory": _quantity(int(spec.memory))}
+    quantities: dict[str, str] = {
+        "cpu": str(spec.num_cpus or 1),
+        "memory": _quantity(int(spec.memory)),
+    }
     if spec.num_gpus:
         quantities["nvidia.com/gpu"] = str(spec.num_gpus)
     pod: dict[str, Any] = {

@@ -63,7 +63,9 @@ def load(config: ClusterConfig) -> ClusterState | None:
 
 def save(config: ClusterConfig, state: ClusterState) -> str:
     """Record the cluster's state; returns where."""
-    return Storage(config.storage_root).write_text(_relative(config), state.model_dump_json(indent=2))
+    return Storage(config.storage_root).write_text(
+        _relative(config), state.model_dump_json(indent=2)
+    )
 
 
 def forget(config: ClusterConfig) -> None:

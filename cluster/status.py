@@ -1,4 +1,4 @@
-"""``aiaas cluster status``: nodes, resources, running jobs and Serve apps of the running cluster."""
+"""``aiaas cluster status``: nodes, resources, running jobs and Serve apps of a running cluster."""
 
 from __future__ import annotations
 

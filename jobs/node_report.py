@@ -50,7 +50,8 @@ def main() -> int:
     print(f"Ran {len(results)} tasks on {len(nodes)} nodes ({platform.node()}):")
     for result in sorted(results, key=lambda item: names[item["node_id"]]):
         print(
-            f"  node {names[result['node_id']]:<10} id={result['node_id'][:12]} pid={result['pid']:<7} "
+            f"  node {names[result['node_id']]:<10} id={result['node_id'][:12]} "
+            f"pid={result['pid']:<7} "
             f"python={result['python']} torch={result['torch']} ray={result['ray']}"
         )
     print(f"Done in {time.perf_counter() - started:.2f}s")

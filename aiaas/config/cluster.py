@@ -149,7 +149,8 @@ class HeadPorts(ConfigModel):
             port = getattr(self, field_name)
             if port in seen:
                 raise ValueError(
-                    f"'{field_name}' and '{seen[port]}' both use port {port}; give each its own port"
+                    f"'{field_name}' and '{seen[port]}' both use port {port}; "
+                    "give each its own port"
                 )
             seen[port] = field_name
         return self
@@ -200,7 +201,9 @@ class DeploySpec(ConfigModel):
         "top-level storage_root",
     )
     ray_up: RayUpSpec | None = Field(None, description="settings for --target ray-up")
-    kuberay: KubeRaySpec = Field(default_factory=KubeRaySpec, description="settings for --target kuberay")
+    kuberay: KubeRaySpec = Field(
+        default_factory=KubeRaySpec, description="settings for --target kuberay"
+    )
 
 
 class ClusterConfig(ConfigModel):

@@ -1,4 +1,4 @@
-"""The one config loader: YAML file → validated pydantic model, or a ConfigError listing every problem.
+"""The one config loader: YAML file → validated model, or a ConfigError listing every problem.
 
 Every problem is one line ``• field.path (line N): message``; unknown keys get a did-you-mean
 (as SkyPilot's schema validation does). Files without ``kind:`` that hold ``applications:`` are
@@ -186,7 +186,11 @@ def _line_of(loc: tuple[Any, ...], node: yaml.Node | None) -> int | None:
             if not match:
                 return current.start_mark.line + 1
             key, current = match[0]
-            if part == loc[-1] and current is not None and current.start_mark.line != key.start_mark.line:
+            if (
+                part == loc[-1]
+                and current is not None
+                and current.start_mark.line != key.start_mark.line
+            ):
                 # A nested block: point at its key, where the user looks for it.
                 return key.start_mark.line + 1
         elif isinstance(current, yaml.SequenceNode) and isinstance(part, int):

@@ -1,0 +1,62 @@
+"""One real local cluster (1 head + 2 workers, own ports and temp dirs) shared by the e2e tests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests import support
+
+
+@dataclass
+class RunningCluster:
+    """A cluster started with the real `aiaas cluster up`."""
+
+    config_path: Path
+    state_path: Path
+    temp_root: str
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text())
+
+    @property
+    def dashboard_url(self) -> str:
+        return str(self.state()["dashboard_url"])
+
+    @property
+    def gcs_address(self) -> str:
+        return str(self.state()["gcs_address"])
+
+
+def start(directory: Path, name: str, workers: int, **overrides: object) -> RunningCluster:
+    """Start a cluster through the CLI and check it reported success."""
+    config_path = support.write_cluster_config(directory, name, workers, **overrides)
+    result = support.run("aiaas", "cluster", "up", str(config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    import yaml
+
+    config = yaml.safe_load(config_path.read_text())
+    state_path = Path(config["storage_root"]) / "clusters" / name / "state.json"
+    return RunningCluster(config_path, state_path, config["temp_root"])
+
+
+def stop(cluster: RunningCluster) -> None:
+    """Stop it through the CLI and check nothing of it is left."""
+    result = support.run("aiaas", "cluster", "down", str(cluster.config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert support.processes_under(cluster.temp_root) == []
+    shutil.rmtree(cluster.temp_root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster]:
+    running = start(tmp_path_factory.mktemp("cluster"), "e2e", workers=2)
+    try:
+        yield running
+    finally:
+        stop(running)

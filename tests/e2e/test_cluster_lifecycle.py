@@ -1,0 +1,179 @@
+"""`aiaas cluster up | status | down` against real `ray start` nodes on this machine."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from pathlib import Path
+
+import psutil
+import yaml
+
+from tests import support
+from tests.e2e.conftest import RunningCluster, start, stop
+
+
+def test_up_gives_three_alive_nodes_with_configured_resources(cluster: RunningCluster) -> None:
+    alive = [node for node in support.ray_nodes(cluster.gcs_address) if node["Alive"]]
+    by_name = {node["NodeName"]: node for node in alive}
+    assert sorted(by_name) == ["cpu-1", "cpu-2", "head"]
+    assert by_name["head"]["Resources"]["CPU"] == 1
+    for worker in ("cpu-1", "cpu-2"):
+        resources = by_name[worker]["Resources"]
+        assert (resources["CPU"], resources["edge"], resources["memory"]) == (1, 1, 2**30)
+        assert by_name[worker]["Labels"]["zone"] == "a"
+    # Each node has its own temp dir under the cluster's own temp root.
+    temp_dirs = {node["name"]: node["temp_dir"] for node in cluster.state()["nodes"]}
+    assert len(set(temp_dirs.values())) == 3
+    assert all(path.startswith(cluster.temp_root) for path in temp_dirs.values())
+
+
+def test_second_up_reports_the_running_cluster(cluster: RunningCluster) -> None:
+    before = cluster.state()["nodes"]
+    result = support.run("aiaas", "cluster", "up", str(cluster.config_path))
+    assert result.returncode == 0, result.stderr
+    assert "Cluster 'e2e' is already running (3 nodes)." in result.stdout
+    assert f"Dashboard / Jobs API: {cluster.dashboard_url}" in result.stdout
+    assert cluster.state()["nodes"] == before
+
+
+def test_status_shows_nodes_jobs_and_serve_apps(cluster: RunningCluster) -> None:
+    result = support.run("aiaas", "cluster", "status", str(cluster.config_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "Nodes (3 alive):" in out
+    for name in ("head", "cpu-1", "cpu-2"):
+        assert f"  {name}" in out
+    assert "{'edge': 1.0}" in out
+    assert "Jobs: 0 running of" in out
+    assert "Serve applications: 0" in out
+
+
+def test_ray_job_submit_uses_the_project_environment_and_a_small_upload(
+    cluster: RunningCluster,
+) -> None:
+    probe = (
+        "import os, aiaas, torch, sys; "
+        "size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk('.') for f in fs); "
+        "print('UPLOAD', size, sorted(os.listdir('.'))); print('PYTHON', sys.executable)"
+    )
+    result = support.run(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-c",
+        probe,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    upload = next(line for line in result.stdout.splitlines() if line.startswith("UPLOAD"))
+    size = int(upload.split()[1])
+    assert size < 5 * 2**20, upload
+    assert ".venv" not in upload and "__pycache__" not in upload
+    python = next(line for line in result.stdout.splitlines() if line.startswith("PYTHON"))
+    assert (
+        python == f"PYTHON {support.BIN / 'python3'}"
+        or python == f"PYTHON {support.BIN / 'python'}"
+    )
+
+
+def test_demo_job_runs_a_task_on_every_node(cluster: RunningCluster) -> None:
+    result = support.run(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        cluster.dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "jobs.node_report",
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Ran 3 tasks on 3 nodes" in result.stdout
+    for name in ("head", "cpu-1", "cpu-2"):
+        assert f"  node {name:<10}" in result.stdout
+
+
+def test_up_restarts_a_lost_worker(cluster: RunningCluster) -> None:
+    lost = next(node for node in cluster.state()["nodes"] if node["name"] == "cpu-2")
+    members = [p for p in psutil.process_iter() if _sid(p.pid) == lost["pid"]]
+    for process in members:
+        process.send_signal(signal.SIGKILL)
+    psutil.wait_procs(members, timeout=10)
+    result = support.run("aiaas", "cluster", "up", str(cluster.config_path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "restarted cpu-2" in result.stdout
+    alive = {node["NodeName"] for node in support.ray_nodes(cluster.gcs_address) if node["Alive"]}
+    assert alive == {"head", "cpu-1", "cpu-2"}
+    assert cluster.state()["nodes"][2]["pid"] != lost["pid"]
+
+
+def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
+    bystander = psutil.Process(os.getpid())  # a process of ours that down must not touch
+    small = start(tmp_path, "solo", workers=1)
+    assert support.processes_under(small.temp_root), "the cluster should be running"
+    sessions = [node["pid"] for node in small.state()["nodes"]]
+    ports = yaml.safe_load(small.config_path.read_text())["ports"]
+    stop(small)
+    assert not small.state_path.exists()
+    assert all(_sid_members(sid) == [] for sid in sessions)
+    assert bystander.is_running()
+    for port in ports.values():
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("0.0.0.0", port))
+    result = support.run("aiaas", "cluster", "down", str(small.config_path))
+    assert result.returncode == 0
+    assert "No cluster 'solo' is recorded" in result.stdout
+
+
+def test_taken_port_fails_cleanly(tmp_path: Path) -> None:
+    config_path = support.write_cluster_config(tmp_path, "busy", workers=1)
+    config = yaml.safe_load(config_path.read_text())
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", config["ports"]["gcs"]))
+        holder.listen()
+        result = support.run("aiaas", "cluster", "up", str(config_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith(
+        f"Error: port {config['ports']['gcs']} (ports.gcs in {config_path}) is in use by pid {os.getpid()}"
+    )
+    assert "Traceback" not in result.stderr
+    assert support.processes_under(config["temp_root"]) == []
+    assert not (Path(config["storage_root"]) / "clusters" / "busy" / "state.json").exists()
+
+
+def test_failed_start_stops_what_it_started(tmp_path: Path) -> None:
+    # The head needs ~5 s; a 2 s budget fails after its processes have started.
+    config_path = support.write_cluster_config(tmp_path, "slow", workers=1, startup_timeout_s=2)
+    config = yaml.safe_load(config_path.read_text())
+    result = support.run("aiaas", "cluster", "up", str(config_path))
+    assert result.returncode == 1
+    assert "Error: timed out waiting for node(s) head to be alive; their logs:" in result.stderr
+    assert "Start failed; stopping the nodes already started ..." in result.stdout
+    assert support.processes_under(config["temp_root"]) == []
+    assert not (Path(config["storage_root"]) / "clusters" / "slow" / "state.json").exists()
+
+
+def _sid(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+def _sid_members(sid: int) -> list[int]:
+    members = []
+    for process in psutil.process_iter(["status"]):
+        if _sid(process.pid) == sid and process.info["status"] != psutil.STATUS_ZOMBIE:
+            members.append(process.pid)
+    return members

@@ -1,0 +1,124 @@
+"""Helpers the integration and end-to-end tests share: CLI runs, free ports, test cluster configs."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def env() -> dict[str, str]:
+    """The environment for CLI subprocesses: the virtualenv first, no inherited Ray address."""
+    result = {
+        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
+    result["PATH"] = f"{BIN}{os.pathsep}{result.get('PATH', '')}"
+    result["RAY_AUTH_MODE"] = "disabled"
+    result["RAY_USAGE_STATS_ENABLED"] = "0"
+    return result
+
+
+def run(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    """Run a command from the virtualenv's bin dir (e.g. ``aiaas``, ``ray``) and capture its output."""
+    command = [str(BIN / args[0]), *args[1:]]
+    return subprocess.run(
+        command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct ports that are free right now."""
+    sockets = []
+    try:
+        for _ in range(count):
+            probe = socket.socket()
+            probe.bind(("127.0.0.1", 0))
+            sockets.append(probe)
+        return [int(probe.getsockname()[1]) for probe in sockets]
+    finally:
+        for probe in sockets:
+            probe.close()
+
+
+def write_cluster_config(directory: Path, name: str, workers: int, **overrides: Any) -> Path:
+    """A small cluster config with its own ports, storage root and (short) temp root."""
+    gcs, dashboard, client, metrics = free_ports(4)
+    config: dict[str, Any] = {
+        "kind": "cluster",
+        "name": name,
+        "storage_root": str(directory / "storage"),
+        # Ray's socket paths must stay short, so not under pytest's long tmp_path.
+        "temp_root": tempfile.mkdtemp(prefix="a", dir="/tmp"),
+        "head": {"num_cpus": 1, "memory": "1GiB", "object_store_memory": "100MiB"},
+        "worker_groups": [
+            {
+                "name": "cpu",
+                "replicas": workers,
+                "num_cpus": 1,
+                "memory": "1GiB",
+                "object_store_memory": "100MiB",
+                "resources": {"edge": 1},
+                "labels": {"zone": "a"},
+            }
+        ]
+        if workers
+        else [],
+        "ports": {
+            "gcs": gcs,
+            "dashboard": dashboard,
+            "client_server": client,
+            "metrics_export": metrics,
+        },
+        "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
+    }
+    config.update(overrides)
+    path = directory / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def processes_under(temp_root: str) -> list[str]:
+    """Command lines of live processes that work in ``temp_root`` (i.e. belong to that cluster)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if process.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(process.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if temp_root in cmdline:
+            found.append(f"{process.pid}: {cmdline[:200]}")
+    return found
+
+
+def ray_nodes(gcs_address: str) -> list[dict[str, Any]]:
+    """``ray.nodes()`` as seen by a driver that joins the cluster (in its own process)."""
+    import json
+
+    probe = (
+        "import json, ray\n"
+        f"ray.init(address={gcs_address!r}, logging_level='ERROR')\n"
+        "print(json.dumps(ray.nodes()))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe],
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    nodes: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
+    return nodes

@@ -1,0 +1,17 @@
+"""Unit tests run without Ray: starting it here is a mistake (as Ray Serve's disallow_ray_init)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _disallow_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("unit tests must not start Ray; move this test to tests/integration")
+
+    monkeypatch.setattr(ray, "init", refuse)

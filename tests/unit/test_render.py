@@ -1,0 +1,126 @@
+"""`aiaas cluster render`: ray-up YAML checked against Ray's own schema, KubeRay manifests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from aiaas import errors
+from aiaas.cli.main import cli
+from aiaas.config import loader
+from aiaas.config.cluster import ClusterConfig
+from cluster import render
+
+LOCAL = Path(__file__).resolve().parents[2] / "configs" / "cluster" / "local.yaml"
+
+
+def _config(**changes: object) -> ClusterConfig:
+    base = loader.load(LOCAL, ClusterConfig)
+    return ClusterConfig.model_validate({**base.model_dump(), **changes})
+
+
+def test_ray_up_passes_rays_schema_and_keeps_resources() -> None:
+    rendered = render.ray_up(_config(), LOCAL)  # validates against ray-schema.json
+    assert rendered["cluster_name"] == "local"
+    assert rendered["provider"] == {"type": "aws", "region": "us-west-2"}
+    head, cpu = rendered["available_node_types"]["head"], rendered["available_node_types"]["cpu"]
+    assert head["resources"] == {"CPU": 1, "memory": 4 * 2**30}
+    assert cpu["resources"] == {"CPU": 2, "memory": 4 * 2**30}
+    assert (cpu["min_workers"], cpu["max_workers"], rendered["max_workers"]) == (2, 4, 4)
+    assert cpu["node_config"] == {"InstanceType": "m5.xlarge"}
+    start = rendered["head_start_ray_commands"][1]
+    assert "AIAAS_STORAGE_ROOT=s3://my-bucket/aiaas" in start
+    assert "--port=6379" in start and "--metrics-export-port=8090" in start
+
+
+def test_ray_up_gpu_group_and_custom_resources() -> None:
+    base = _config().model_dump()
+    group = {**base["worker_groups"][0], "name": "gpu", "num_gpus": 4, "resources": {"a100": 4}}
+    rendered = render.ray_up(
+        _config(
+            worker_groups=[group],
+            deploy={
+                **base["deploy"],
+                "ray_up": {"provider": {"type": "gcp", "region": "us-central1", "project_id": "p"}},
+            },
+        ),
+        LOCAL,
+    )
+    assert rendered["available_node_types"]["gpu"]["resources"] == {
+        "CPU": 2,
+        "memory": 4 * 2**30,
+        "GPU": 4,
+        "a100": 4,
+    }
+
+
+def test_ray_up_schema_violation_names_the_field() -> None:
+    deploy = {**_config().model_dump()["deploy"], "ray_up": {"provider": {"type": 42}}}
+    with pytest.raises(errors.ConfigError) as caught:
+        render.ray_up(_config(deploy=deploy), LOCAL)
+    assert str(caught.value).startswith(
+        f"{LOCAL}: the rendered ray-up config breaks Ray's schema at provider.type: 42 is not of type 'string'"
+    )
+
+
+def test_ray_up_needs_a_provider() -> None:
+    deploy = {**_config().model_dump()["deploy"], "ray_up": None}
+    with pytest.raises(errors.ConfigError) as caught:
+        render.ray_up(_config(deploy=deploy), LOCAL)
+    assert str(caught.value).startswith(
+        f"{LOCAL}: 'deploy.ray_up' is missing; rendering for ray up needs a provider"
+    )
+
+
+def test_ray_up_unknown_group_in_node_configs() -> None:
+    deploy = _config().model_dump()["deploy"]
+    deploy["ray_up"]["worker_node_configs"] = {"gpus": {}}
+    with pytest.raises(errors.ConfigError) as caught:
+        render.ray_up(_config(deploy=deploy), LOCAL)
+    assert "names unknown worker group(s) gpus" in str(caught.value)
+
+
+def test_kuberay_manifest() -> None:
+    manifest = render.kuberay(_config())
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", "RayCluster")
+    spec = manifest["spec"]
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["enableInTreeAutoscaling"] is True
+    head = spec["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "1"
+    assert head["rayStartParams"]["object-store-memory"] == str(2**30)
+    container = head["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}
+    assert {"name": "AIAAS_STORAGE_ROOT", "value": "s3://my-bucket/aiaas"} in container["env"]
+    [workers] = spec["workerGroupSpecs"]
+    assert (workers["groupName"], workers["replicas"], workers["maxReplicas"]) == ("cpu", 2, 4)
+    assert workers["template"]["spec"]["volumes"] == [
+        {"name": "shm", "emptyDir": {"medium": "Memory"}}
+    ]
+
+
+def test_kuberay_gpu_limits() -> None:
+    group = {**_config().model_dump()["worker_groups"][0], "num_gpus": 2}
+    manifest = render.kuberay(_config(worker_groups=[group]))
+    limits = manifest["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0][
+        "resources"
+    ]["limits"]
+    assert limits["nvidia.com/gpu"] == "2"
+
+
+def test_render_cli_writes_yaml_and_warns_on_local_storage(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    data = yaml.safe_load(LOCAL.read_text())
+    data["deploy"].pop("storage_root")
+    config.write_text(yaml.safe_dump(data))
+    output = tmp_path / "cluster.yaml"
+    result = CliRunner().invoke(
+        cli, ["cluster", "render", str(config), "--target", "ray-up", "-o", str(output)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Warning: storage root '~/.aiaas' is local to each machine" in result.output
+    assert yaml.safe_load(output.read_text())["head_node_type"] == "head"
+    assert f"ray up {output}" in result.output
