@@ -1,0 +1,30 @@
+"""``make bench``: run every benchmark, store its results, regenerate BENCHMARKS.md's table."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from bench import report
+
+BENCHMARKS = ["bench.cluster_startup"]
+
+
+def main() -> int:
+    for name in BENCHMARKS:
+        print(f"running {name} ...", flush=True)
+        rows = importlib.import_module(name).run()
+        path = report.save(name.rsplit(".", 1)[-1], rows)
+        for row in rows:
+            print(
+                f"  {row['figure']}: {row['ours']:.3g}{row['unit']} vs {row['reference']:.3g}"
+                f"{row['unit']} ({row['reference_name']}) = {row['ratio']:.2f}x"
+            )
+        print(f"  wrote {path}")
+    report.regenerate_table()
+    print("updated BENCHMARKS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
