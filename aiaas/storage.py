@@ -83,6 +83,11 @@ class Storage:
             ) from None
         return full
 
+    def children(self, relative: str) -> list[str]:
+        """Names of the entries directly under a directory; empty when it does not exist."""
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        return sorted(info.base_name for info in self._fs.get_file_info(selector))
+
     def delete(self, relative: str) -> None:
         """Remove a file if it exists."""
         full = self.path(relative)

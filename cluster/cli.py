@@ -6,11 +6,11 @@ from pathlib import Path
 
 import click
 
-from aiaas.cli import console
+from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 
-DEFAULT_CONFIG = Path("configs/cluster/local.yaml")
+DEFAULT_CONFIG = target.DEFAULT_CLUSTER
 
 _config_argument = click.argument(
     "config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path)
@@ -63,6 +63,8 @@ def up(config_path: Path | None, dry_run: bool) -> None:
     console.next_steps(
         [
             f"aiaas cluster status {path}",
+            "aiaas data prepare configs/data/digits.yaml",
+            "aiaas train configs/train/digits_mlp.yaml --follow",
             f"ray job submit --address {current.dashboard_url} --working-dir . -- "
             "python -m jobs.node_report",
             f"aiaas cluster down {path}",
@@ -176,4 +178,5 @@ def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str
     click.echo(f"  Dashboard / Jobs API: {dashboard_url}")
     click.echo(f"  GCS address:          {gcs_address}")
     click.echo(f"  Metrics (head):       http://127.0.0.1:{config.ports.metrics_export}/metrics")
+    click.echo(f"  MLflow registry:      {config.mlflow_url() or '(disabled)'}")
     click.echo(f"  Storage root:         {config.storage_root}")

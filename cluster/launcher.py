@@ -22,6 +22,7 @@ import psutil
 
 from aiaas import errors
 from aiaas.config.cluster import ClusterConfig, NodeSpec
+from aiaas.storage import Storage
 from cluster import ports, processes, state
 from cluster.dashboard import Dashboard
 
@@ -83,12 +84,12 @@ def down(config: ClusterConfig, echo: Echo = lambda _: None) -> DownResult:
         if recorded is None:
             return DownResult(found=False)
         count = 0
-        for group in (recorded.workers(), [recorded.head()]):
+        for group in (recorded.services, recorded.workers(), [recorded.head()]):
             sessions = _our_sessions(group)
             if sessions:
                 echo(f"Stopping {', '.join(node.name for node in group)} ...")
                 count += processes.stop_sessions(sessions)
-        left = processes.session_members(_our_sessions(recorded.nodes))
+        left = processes.session_members(_our_sessions([*recorded.nodes, *recorded.services]))
         if left:
             raise errors.ClusterError(
                 f"{len(left)} process(es) of cluster '{config.name}' did not stop: "
@@ -122,6 +123,9 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = config.auth_mode
     env["AIAAS_STORAGE_ROOT"] = config.storage_root
     env["AIAAS_CLUSTER_NAME"] = config.name
+    mlflow_url = config.mlflow_url()
+    if mlflow_url:
+        env["MLFLOW_TRACKING_URI"] = mlflow_url
     env.update(config.env)
     return env
 
@@ -164,6 +168,13 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
                 f"Stop that process, or set another port under 'ports: {field_name}:' in "
                 f"{config_path}. Nothing was started.",
             )
+    if config.mlflow.enabled and not ports.is_free(config.mlflow.port):
+        raise errors.PortInUseError(
+            f"port {config.mlflow.port} (mlflow.port in {config_path}) is in use by "
+            f"{ports.holder(config.mlflow.port)}",
+            f"Stop that process, or set another 'mlflow: port:' in {config_path}. "
+            "Nothing was started.",
+        )
     longest = max(len(str(cluster_dir(config) / node.name)) for node in plan(config))
     if longest > _MAX_TEMP_DIR:
         raise errors.ConfigError(
@@ -193,7 +204,7 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
     with Dashboard(previous.dashboard_url, config.auth_mode) as dashboard:
         if not (head_alive and dashboard.reachable()):
             echo(f"Cluster '{config.name}' was recorded but its head is gone; cleaning up.")
-            processes.stop_sessions(_our_sessions(previous.nodes))
+            processes.stop_sessions(_our_sessions([*previous.nodes, *previous.services]))
             state.forget(config)
             return None
         if previous.config_hash != state.config_hash(config):
@@ -207,29 +218,43 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
             for node in previous.workers()
             if processes.leader(node.pid, node.create_time) is None
         ]
-        if not lost:
+        lost_services = [
+            service
+            for service in previous.services
+            if processes.leader(service.pid, service.create_time) is None
+        ]
+        if not lost and not lost_services:
             return UpResult(state=previous, already_running=True)
-        echo(f"Restarting lost worker node(s): {', '.join(node.name for node in lost)}")
-        processes.stop_sessions(_our_sessions(lost))
+        names = [node.name for node in [*lost, *lost_services]]
+        echo(f"Restarting lost part(s): {', '.join(names)}")
+        processes.stop_sessions(_our_sessions([*lost, *lost_services]))
         by_name = {node.name: node for node in plan(config)}
         known = {node["node_id"] for node in dashboard.nodes()}
         restarted = [
             _start_node(config, by_name[node.name], _worker_address(config)) for node in lost
         ]
+        services = [_start_mlflow(config) for _ in lost_services]
         try:
             _wait_alive(dashboard, restarted, known, _deadline(config))
+            for service in services:
+                _wait_healthy(service, _deadline(config))
         except BaseException:
-            processes.stop_sessions([node.pid for node in restarted])
+            processes.stop_sessions([node.pid for node in [*restarted, *services]])
             raise
-    fresh = {node.name: node for node in restarted}
-    nodes = [fresh.get(node.name, node) for node in previous.nodes]
-    current = previous.model_copy(update={"nodes": nodes})
+    fresh = {node.name: node for node in [*restarted, *services]}
+    current = previous.model_copy(
+        update={
+            "nodes": [fresh.get(node.name, node) for node in previous.nodes],
+            "services": [fresh.get(node.name, node) for node in previous.services],
+        }
+    )
     state.save(config, current)
-    return UpResult(state=current, restarted=[node.name for node in restarted])
+    return UpResult(state=current, restarted=names)
 
 
 def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.ClusterState:
     started: list[state.NodeRecord] = []
+    services: list[state.NodeRecord] = []
     deadline = _deadline(config)
     try:
         with Dashboard(config.dashboard_url(), config.auth_mode) as dashboard:
@@ -243,7 +268,12 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
                     _start_node(config, node, _worker_address(config)) for node in worker_plans
                 ]
                 started.extend(workers)
-                _wait_alive(dashboard, workers, set(), deadline)
+            if config.mlflow.enabled:
+                echo(f"Starting MLflow tracking server ({config.mlflow_url()}) ...")
+                services.append(_start_mlflow(config))
+            _wait_alive(dashboard, started[1:], set(), deadline)
+            for service in services:
+                _wait_healthy(service, deadline)
             head_ip = next(
                 node["node_ip"] for node in dashboard.nodes() if node.get("is_head_node")
             )
@@ -251,7 +281,7 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
         # Never leave half a cluster behind, whatever interrupted the start.
         if started:
             echo("Start failed; stopping the nodes already started ...")
-            processes.stop_sessions([node.pid for node in started])
+            processes.stop_sessions([node.pid for node in [*services, *started]])
         raise
     current = state.ClusterState(
         name=config.name,
@@ -262,9 +292,63 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
         dashboard_url=config.dashboard_url(),
         cluster_dir=str(cluster_dir(config)),
         nodes=started,
+        services=services,
     )
     state.save(config, current)
     return current
+
+
+def _start_mlflow(config: ClusterConfig) -> state.NodeRecord:
+    artifacts = Storage(config.storage_root).path("mlflow", "artifacts")
+    root = config.local_storage_root()
+    if root is not None:
+        (root / "mlflow").mkdir(parents=True, exist_ok=True)
+    log_path = cluster_dir(config) / "mlflow.log"
+    command = [
+        str(_venv_bin() / "mlflow"),
+        "server",
+        "--host=127.0.0.1",
+        f"--port={config.mlflow.port}",
+        f"--backend-store-uri={config.mlflow_backend_uri()}",
+        f"--artifacts-destination={artifacts}",
+        # One worker: the registry sees a handful of requests per job, and every worker costs
+        # ~150 MB and start-up time on a small machine.
+        "--workers=1",
+    ]
+    leader = processes.spawn(command, node_env(config), log_path)
+    return state.NodeRecord(
+        name="mlflow",
+        role="service",
+        group="mlflow",
+        pid=leader.pid,
+        create_time=leader.create_time(),
+        temp_dir=artifacts,
+        log_path=str(log_path),
+        url=config.mlflow_url(),
+    )
+
+
+def _wait_healthy(service: state.NodeRecord, deadline: float) -> None:
+    import httpx
+
+    while True:
+        if processes.leader(service.pid, service.create_time) is None:
+            raise errors.ClusterError(
+                f"{service.name} exited while starting; the last lines of {service.log_path}:\n"
+                f"{processes.log_tail(Path(service.log_path))}"
+            )
+        try:
+            if httpx.get(f"{service.url}/health", timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise errors.ClusterError(
+                f"timed out waiting for {service.name} at {service.url}; "
+                f"its log: {service.log_path}",
+                "Raise 'startup_timeout_s' in the cluster config if this machine is slow.",
+            )
+        time.sleep(0.5)
 
 
 def _worker_address(config: ClusterConfig) -> str:

@@ -12,16 +12,21 @@ from aiaas.storage import Storage
 
 
 class NodeRecord(BaseModel):
-    """One started node: its ``ray start`` process (a session leader) and where it writes."""
+    """One started process tree: a ``ray start`` node or a service such as MLflow.
+
+    ``pid`` is a session leader; ``temp_dir`` appears in the command line of the processes of
+    the session, which is how a session whose leader died is still recognised as ours.
+    """
 
     name: str
-    role: str  # "head" or "worker"
+    role: str  # "head", "worker" or "service"
     group: str
     pid: int
     create_time: float
     temp_dir: str
     log_path: str
-    metrics_export_port: int
+    metrics_export_port: int = 0
+    url: str | None = None
 
 
 class ClusterState(BaseModel):
@@ -35,6 +40,7 @@ class ClusterState(BaseModel):
     dashboard_url: str
     cluster_dir: str
     nodes: list[NodeRecord]
+    services: list[NodeRecord] = []
 
     def workers(self) -> list[NodeRecord]:
         """The worker nodes, in start order."""

@@ -16,6 +16,9 @@ import click
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("aiaas.cli.validate:validate", "Validate config files of any kind."),
     "cluster": ("cluster.cli:cluster", "Start, inspect, stop or render the Ray cluster."),
+    "data": ("aiaas.cli.data:data", "Prepare data sets as Parquet under the storage root."),
+    "train": ("jobs.cli:train", "Submit a training job (Ray Train) through Ray Jobs."),
+    "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
 }
 
 

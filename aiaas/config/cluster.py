@@ -156,6 +156,18 @@ class HeadPorts(ConfigModel):
         return self
 
 
+class MlflowSpec(ConfigModel):
+    """The MLflow tracking server and model registry that ``cluster up`` starts beside Ray."""
+
+    enabled: bool = Field(True, description="start an MLflow server with the cluster")
+    port: Port = Field(5000, description="port of the MLflow server on 127.0.0.1")
+    backend_store_uri: str | None = Field(
+        None,
+        description="runs and registry database; defaults to SQLite under a local storage root "
+        "(a remote storage root needs e.g. postgresql://...)",
+    )
+
+
 class RayUpSpec(ConfigModel):
     """What a ``ray up`` cluster YAML needs beyond the node resources."""
 
@@ -234,6 +246,7 @@ class ClusterConfig(ConfigModel):
         default_factory=list, description="groups of worker nodes"
     )
     ports: HeadPorts = Field(default_factory=HeadPorts, description="fixed ports of the head")
+    mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="the tracking server")
     env: dict[str, str] = Field(
         default_factory=dict,
         description="environment variables for every Ray process of the cluster",
@@ -266,6 +279,16 @@ class ClusterConfig(ConfigModel):
             )
         if "head" in names:
             raise ValueError("'head' is the head node's name; call the worker group something else")
+        if self.mlflow.port in self.ports.model_dump().values():
+            raise ValueError(
+                f"mlflow.port {self.mlflow.port} is also a head port; give MLflow its own port"
+            )
+        remote = urlparse(self.storage_root).scheme in ("s3", "gs")
+        if self.mlflow.enabled and remote and self.mlflow.backend_store_uri is None:
+            raise ValueError(
+                "a remote storage_root needs mlflow.backend_store_uri (e.g. postgresql://...): "
+                "SQLite cannot live in an object store"
+            )
         return self
 
     @property
@@ -280,6 +303,17 @@ class ClusterConfig(ConfigModel):
             return None
         raw = parsed.path if parsed.scheme == "file" else self.storage_root
         return Path(os.path.expanduser(raw)).resolve()
+
+    def mlflow_url(self) -> str | None:
+        """The MLflow tracking URI every job and command uses, or None when disabled."""
+        return f"http://127.0.0.1:{self.mlflow.port}" if self.mlflow.enabled else None
+
+    def mlflow_backend_uri(self) -> str:
+        """Where the MLflow server keeps runs and the registry."""
+        if self.mlflow.backend_store_uri:
+            return self.mlflow.backend_store_uri
+        root = self.local_storage_root()
+        return f"sqlite:///{root}/mlflow/mlflow.db"
 
     def dashboard_url(self) -> str:
         """The HTTP address of the dashboard and Jobs API."""

@@ -22,6 +22,8 @@ from aiaas import errors
 #: kind → "module:Class". Loaded lazily so validating one kind never imports another's deps.
 KINDS: dict[str, str] = {
     "cluster": "aiaas.config.cluster:ClusterConfig",
+    "dataset": "aiaas.config.dataset:DatasetConfig",
+    "train": "aiaas.config.train:TrainConfig",
 }
 
 M = TypeVar("M", bound=BaseModel)

@@ -20,7 +20,9 @@ def test_write_read_delete(tmp_path: Path, as_uri: bool) -> None:
     assert storage.read_text("a/b/state.json") == '{"x": 1}'
     storage.write_text("a/b/state.json", '{"x": 2}')
     assert storage.read_text("a/b/state.json") == '{"x": 2}'
-    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == ["state.json"]  # no temp left
+    assert sorted(p.name for p in (tmp_path / "a" / "b").iterdir()) == [
+        "state.json"
+    ]  # no temp left
     storage.delete("a/b/state.json")
     storage.delete("a/b/state.json")  # deleting what is gone is fine
     assert storage.read_text("a/b/state.json") is None

@@ -1,0 +1,47 @@
+"""Checks that run before a job is submitted, so bad input fails in seconds, not minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aiaas import datasets, errors, models, placement
+from aiaas.config.cluster import ClusterConfig
+from aiaas.config.train import TrainConfig
+from aiaas.storage import Storage
+
+
+def check_train(config: TrainConfig, config_path: Path, cluster: ClusterConfig) -> None:
+    """The data set exists, the model fits it, and the workers can be placed on the cluster.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    schema = datasets.load_schema(Storage(cluster.storage_root), config.dataset)
+    models.build(config.model, len(schema.features), schema.num_classes, schema.feature_shape)
+    nodes = _alive_node_resources(cluster)
+    if nodes is None:
+        return  # the submission itself reports an unreachable cluster
+    problem = placement.problem(
+        nodes, config.scaling.worker_resources(), config.scaling.num_workers
+    )
+    if problem:
+        raise errors.ConfigError(
+            f"{config_path}: scaling: {problem}",
+            "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
+        )
+
+
+def _alive_node_resources(cluster: ClusterConfig) -> list[dict[str, float]] | None:
+    import httpx
+
+    try:
+        response = httpx.get(
+            f"{cluster.dashboard_url()}/api/v0/nodes",
+            params={"limit": 10000, "detail": "true"},
+            timeout=10,
+            trust_env=False,
+        )
+        entries = response.json()["data"]["result"]["result"]
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    return [entry["resources_total"] for entry in entries if entry["state"] == "ALIVE"]

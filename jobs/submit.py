@@ -1,0 +1,221 @@
+"""Submit aiaas jobs through Ray's Jobs API and keep their records under the storage root."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from aiaas import errors
+from aiaas.config.cluster import ClusterConfig
+from aiaas.storage import Storage
+from jobs import records
+
+#: The project root: the working dir every job is submitted with.
+PROJECT = Path(__file__).resolve().parent.parent
+#: Kept out of the working-dir upload (Ray caps it at 100 MiB) besides what .gitignore names.
+EXCLUDES = [
+    ".venv",
+    ".git",
+    "data",
+    "**/__pycache__",
+    ".pytest_cache",
+    ".mypy_cache",
+    ".ruff_cache",
+    "bench/results",
+    "*.egg-info",
+]
+
+
+def address_in_use(config: ClusterConfig) -> str:
+    """The Jobs API address Ray's client will really use: RAY_API_SERVER_ADDRESS and
+    RAY_ADDRESS override the cluster config's, as in Ray's own SDK."""
+    return (
+        os.environ.get("RAY_API_SERVER_ADDRESS")
+        or os.environ.get("RAY_ADDRESS")
+        or config.dashboard_url()
+    )
+
+
+def client(config: ClusterConfig) -> Any:
+    """A JobSubmissionClient of the cluster, or a ClusterError saying how to start it."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address_in_use(config)
+    try:
+        return JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise errors.ClusterError(
+            f"cannot reach the Ray Jobs API at {address}: {exc}",
+            "Start the cluster: aiaas cluster up",
+        ) from None
+
+
+def submit(kind: str, config_path: Path, config: Any, cluster: ClusterConfig) -> records.JobRecord:
+    """Submit ``python -m jobs.<kind> CONFIG`` and record it.
+
+    Configs inside the project are passed by their relative path (they are in the upload);
+    others are staged under the storage root first.
+    """
+    storage = Storage(cluster.storage_root)
+    submission_id = (
+        f"aiaas-{kind}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+    )
+    entry_config = _config_argument(config_path, storage, submission_id)
+    entrypoint = f"python -m jobs.{kind} {entry_config}"
+    config_data = config.model_dump(mode="json")
+    record = records.JobRecord(
+        submission_id=submission_id,
+        kind=kind,
+        config_name=config.name,
+        config_path=str(config_path),
+        config_hash=records.config_hash(config_data),
+        config=config_data,
+        entrypoint=entrypoint,
+        address=address_in_use(cluster),
+        submitted_at=time.time(),
+    )
+    jobs_client = client(cluster)
+    # Ray logs every ignored file of the upload at INFO; the record says what was sent.
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    try:
+        jobs_client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            runtime_env={
+                "working_dir": str(PROJECT),
+                "excludes": EXCLUDES,
+                "env_vars": {
+                    "AIAAS_SUBMISSION_ID": submission_id,
+                    "AIAAS_GIT_COMMIT": _git_commit(),
+                },
+            },
+            # The driver only orchestrates and evaluates; it must not hold a CPU the workers need.
+            entrypoint_num_cpus=0,
+            metadata={
+                "aiaas_kind": kind,
+                "config_name": config.name,
+                "config_hash": record.config_hash,
+            },
+        )
+    except Exception as exc:  # the SDK raises RuntimeError/ConnectionError/HTTP errors alike
+        raise errors.JobError(
+            f"submitting {entrypoint} to {record.address} failed: {exc}",
+            "Check the cluster with 'aiaas cluster status'.",
+        ) from None
+    records.save(storage, record)
+    return record
+
+
+def refresh(cluster: ClusterConfig, record: records.JobRecord) -> records.JobRecord:
+    """Bring a record up to date from Ray while the cluster runs; keep it otherwise."""
+    if record.status in records.TERMINAL and record.log_tail is not None:
+        return record
+    try:
+        jobs_client = client(cluster)
+        info = jobs_client.get_job_info(record.submission_id)
+    except Exception:  # cluster down or job unknown to this cluster: the record stands
+        return record
+    status = str(getattr(info.status, "value", info.status))
+    update: dict[str, Any] = {"status": status, "message": info.message}
+    if status in records.TERMINAL:
+        update["ended_at"] = (info.end_time or 0) / 1000 or time.time()
+        update["log_tail"] = "\n".join(
+            jobs_client.get_job_logs(record.submission_id).splitlines()[-40:]
+        )
+    fresh = record.model_copy(update=update)
+    records.save(Storage(cluster.storage_root), fresh.model_copy(update={"result": None}))
+    return fresh
+
+
+def wait(cluster: ClusterConfig, submission_id: str, timeout_s: float = 3600) -> records.JobRecord:
+    """Block until the job ends; returns its refreshed record."""
+    storage = Storage(cluster.storage_root)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        record = find(cluster, submission_id)
+        if record.status in records.TERMINAL:
+            return records.load(storage, submission_id) or record
+        if time.monotonic() > deadline:
+            raise errors.JobError(f"job {submission_id} did not finish in {timeout_s:.0f}s")
+        time.sleep(1)
+
+
+def find(cluster: ClusterConfig, submission_id: str) -> records.JobRecord:
+    """The refreshed record of one job, or a JobError listing what exists."""
+    storage = Storage(cluster.storage_root)
+    record = records.load(storage, submission_id)
+    if record is None:
+        known = [r.submission_id for r in records.all_records(storage)[:5]]
+        raise errors.JobError(
+            f"no job '{submission_id}' is recorded under {cluster.storage_root}",
+            f"Recent jobs: {', '.join(known) or 'none'} (aiaas jobs list)",
+        )
+    fresh = refresh(cluster, record)
+    return fresh.model_copy(update={"result": record.result})
+
+
+def stop(cluster: ClusterConfig, submission_id: str) -> records.JobRecord:
+    """Ask Ray to stop the job and wait until it has stopped."""
+    find(cluster, submission_id)
+    client(cluster).stop_job(submission_id)
+    return wait(cluster, submission_id, timeout_s=120)
+
+
+def follow(
+    cluster: ClusterConfig, submission_id: str, on_line: Callable[[str], None]
+) -> records.JobRecord:
+    """Stream the job's log lines to ``on_line`` until it ends."""
+    jobs_client = client(cluster)
+
+    async def stream() -> None:
+        async for chunk in jobs_client.tail_job_logs(submission_id):
+            for line in chunk.splitlines():
+                on_line(line)
+
+    asyncio.run(stream())
+    return wait(cluster, submission_id)
+
+
+def progress(lines: Iterator[str] | list[str]) -> Iterator[dict[str, Any]]:
+    """The structured progress events among a job's log lines."""
+    for line in lines:
+        marker = line.find("aiaas-progress ")
+        if marker >= 0:
+            try:
+                yield json.loads(line[marker + len("aiaas-progress ") :])
+            except json.JSONDecodeError:
+                continue
+
+
+def _config_argument(config_path: Path, storage: Storage, submission_id: str) -> str:
+    resolved = config_path.resolve()
+    if resolved.is_relative_to(PROJECT):
+        return str(resolved.relative_to(PROJECT))
+    if not storage.is_local:
+        raise errors.ConfigError(
+            f"{config_path} is outside the project ({PROJECT}) and the storage root is remote",
+            "Put the config under configs/ so it is uploaded with the job.",
+        )
+    staged = Path(storage.path("jobs", submission_id, resolved.name))
+    staged.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(resolved, staged)
+    return str(staged)
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"

@@ -1,0 +1,430 @@
+"""The training job: ``python -m jobs.train CONFIG`` on the cluster (submitted through Ray Jobs).
+
+Ray Data streams the prepared Parquet splits to the workers of a ``TorchTrainer`` (DDP over gloo
+on CPU, NCCL with ``use_gpu``); each epoch reports train/validation metrics with a checkpoint;
+a failed worker group restarts from the latest checkpoint (``max_failures``), and so does a run
+restarted under the same name. The driver then evaluates the best checkpoint on the test split
+and registers it in MLflow when the gate passes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aiaas import datasets, errors, placement, registry
+from aiaas.config import loader
+from aiaas.config.train import TrainConfig
+from aiaas.storage import Storage
+from jobs import records
+
+PROGRESS = "aiaas-progress"
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """One Ray Train worker: the DDP training loop."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from torch import nn
+
+    from aiaas import models
+
+    config = TrainConfig.model_validate(loop["config"])
+    schema = datasets.DatasetSchema.model_validate(loop["schema"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    # Small models on a few cores run faster single-threaded than fighting over threads.
+    torch.set_num_threads(max(1, int(config.scaling.resources_per_worker.get("CPU", 1))))
+    torch.manual_seed(config.seed)
+    device = ray.train.torch.get_device()
+    model = models.build(
+        config.model, len(schema.features), schema.num_classes, schema.feature_shape
+    )
+    optimizer = _optimizer(config, model)
+    scheduler = _scheduler(config, optimizer)
+    start_epoch = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = torch.load(Path(directory) / "state.pt", weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = state["epoch"] + 1
+        if rank == 0:
+            print(f"{PROGRESS} {json.dumps({'resumed_from_epoch': state['epoch']})}", flush=True)
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    features, label = schema.features, schema.label
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("validation")
+
+    def tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        x = np.column_stack([batch[name] for name in features]).astype(np.float32, copy=False)
+        return torch.from_numpy(x).to(device), torch.from_numpy(batch[label]).long().to(device)
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        model.train()
+        totals = torch.zeros(3, device=device)  # loss sum, correct, rows
+        for batch in train_shard.iter_batches(
+            batch_size=config.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=config.batch_size * 16,
+            local_shuffle_seed=config.seed + epoch,
+        ):
+            x, y = tensors(batch)
+            optimizer.zero_grad()
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            (loss / len(y)).backward()
+            optimizer.step()
+            totals += torch.stack(
+                [
+                    loss.detach(),
+                    (logits.argmax(1) == y).sum().float(),
+                    torch.tensor(len(y), device=device).float(),
+                ]
+            )
+        scheduler.step()
+        model.eval()
+        val = torch.zeros(3, device=device)
+        with torch.no_grad():
+            for batch in val_shard.iter_batches(batch_size=1024, batch_format="numpy"):
+                x, y = tensors(batch)
+                logits = model(x)
+                val += torch.stack(
+                    [
+                        loss_fn(logits, y),
+                        (logits.argmax(1) == y).sum().float(),
+                        torch.tensor(len(y), device=device).float(),
+                    ]
+                )
+        if world > 1:
+            torch.distributed.all_reduce(totals)
+            torch.distributed.all_reduce(val)
+        seconds = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(totals[0] / totals[2]),
+            "train_accuracy": float(totals[1] / totals[2]),
+            "val_loss": float(val[0] / max(float(val[2]), 1.0)),
+            "val_accuracy": float(val[1] / max(float(val[2]), 1.0)),
+            "samples_per_s": float(totals[2]) / seconds,
+            "lr": float(scheduler.get_last_lr()[0]),
+        }
+        if rank == 0:
+            print(f"{PROGRESS} {json.dumps(metrics)}", flush=True)
+            with tempfile.TemporaryDirectory() as directory:
+                torch.save(
+                    {
+                        "epoch": epoch,
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                    },
+                    Path(directory) / "state.pt",
+                )
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))
+        else:
+            ray.train.report(metrics)
+
+
+def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
+    """Train, evaluate on the test split and register; returns the outcome for the job record.
+
+    Raises:
+        AiaasError: A bad input (missing data set, model that does not fit, unplaceable workers)
+            or a failed registration gate.
+    """
+    import ray
+    import ray.data
+    from ray.train import RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = _storage()
+    schema = datasets.load_schema(storage, config.dataset)
+    _check_model_fits(config, schema)
+    ray.init(logging_level=logging.WARNING)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    unplaceable = placement.problem(
+        nodes,
+        config.scaling.worker_resources(),
+        config.scaling.num_workers,
+    )
+    if unplaceable:
+        raise errors.ConfigError(
+            f"{config_path}: scaling: {unplaceable}",
+            "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    splits: dict[str, Any] = {
+        split: ray.data.read_parquet(datasets.split_path(storage, config.dataset, split))
+        for split in ("train", "validation")
+    }
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.loop_config(),
+            "schema": schema.model_dump(mode="json"),
+        },
+        scaling_config=config.scaling.scaling_config(),
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=config.name,
+            storage_path=storage.path("runs"),
+            checkpoint_config=config.checkpoint.checkpoint_config(),
+            failure_config=config.failure_config(),
+        ),
+        datasets=splits,
+    )
+    started = time.perf_counter()
+    result = trainer.fit()
+    train_seconds = time.perf_counter() - started
+    best = result.get_best_checkpoint(config.checkpoint.score_metric, config.checkpoint.score_order)
+    if best is None:
+        raise errors.JobError(f"run '{config.name}' finished without a checkpoint")
+    model = _load_model(config, schema, best)
+    test = _evaluate(model, storage, config, schema)
+    history = _history(result)
+    outcome: dict[str, Any] = {
+        "run": config.name,
+        "test": test,
+        "epochs_run": len(history),
+        "history": history,
+        "train_seconds": round(train_seconds, 2),
+        "checkpoint": best.path,
+    }
+    print(f"{PROGRESS} {json.dumps({'test': test})}", flush=True)
+    if config.registration is None:
+        return outcome
+    lineage = _lineage(config, config_path, schema)
+    run_id = registry.log_run(
+        experiment=config.name,
+        run_name=lineage["job_id"],
+        params=_flatten(config.model_dump(mode="json")),
+        history=history,
+        metrics=test,
+        tags=lineage,
+    )
+    broken = config.registration.failures(test)
+    if broken:
+        outcome["gate"] = "failed: " + "; ".join(broken)
+        raise GateFailed(
+            f"registration gate failed: {'; '.join(broken)}; nothing was registered",
+            outcome,
+        )
+    example = _test_frame(storage, config, schema)[0][:8]
+    registered = registry.register_torch_model(
+        run_id, config.registration.model_name, model, example, lineage
+    )
+    outcome["registered"] = {"model": registered.name, "version": registered.version}
+    outcome["gate"] = "passed"
+    return outcome
+
+
+class GateFailed(errors.JobError):
+    """The trained model missed its registration gate."""
+
+    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``python -m jobs.train CONFIG``."""
+    if len(argv) != 1:
+        print("usage: python -m jobs.train CONFIG", file=sys.stderr)
+        return 2
+    config_path = Path(argv[0])
+    job_id = records.current_job_id()
+    try:
+        config = loader.load(config_path, TrainConfig)
+        outcome = run(config, config_path)
+    except GateFailed as exc:
+        records.save_result(_storage_or_none(), job_id, {**exc.outcome, "error": exc.message})
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except errors.AiaasError as exc:
+        records.save_result(_storage_or_none(), job_id, {"error": str(exc)})
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    records.save_result(_storage_or_none(), job_id, outcome)
+    registered = outcome.get("registered")
+    if registered:
+        print(
+            f"Registered {registered['model']} version {registered['version']} "
+            f"(test accuracy {outcome['test']['accuracy']:.4f})"
+        )
+    return 0
+
+
+def _storage() -> Storage:
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    if not root:
+        raise errors.ClusterError(
+            "AIAAS_STORAGE_ROOT is not set on this node",
+            "Run the job on a cluster started with 'aiaas cluster up' (it sets the storage root).",
+        )
+    return Storage(root)
+
+
+def _storage_or_none() -> Storage | None:
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    return Storage(root) if root else None
+
+
+def _check_model_fits(config: TrainConfig, schema: datasets.DatasetSchema) -> None:
+    from aiaas import models
+
+    models.build(config.model, len(schema.features), schema.num_classes, schema.feature_shape)
+
+
+def _optimizer(config: TrainConfig, model: Any) -> Any:
+    import torch
+
+    spec = config.optimizer
+    if spec.name == "sgd":
+        return torch.optim.SGD(
+            model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+        )
+    factory = torch.optim.AdamW if spec.name == "adamw" else torch.optim.Adam
+    return factory(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+
+
+def _scheduler(config: TrainConfig, optimizer: Any) -> Any:
+    import torch
+
+    spec = config.schedule
+    if spec.name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+    if spec.name == "step":
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=spec.step_size, gamma=spec.gamma
+        )
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+def _unwrap(model: Any) -> Any:
+    return model.module if hasattr(model, "module") else model
+
+
+def _load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: Any) -> Any:
+    import torch
+
+    from aiaas import models
+
+    with checkpoint.as_directory() as directory:
+        state = torch.load(Path(directory) / "state.pt", weights_only=False, map_location="cpu")
+    model = models.build(
+        config.model, len(schema.features), schema.num_classes, schema.feature_shape
+    )
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def _test_frame(
+    storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
+) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.dataset as pads
+    from pyarrow import fs as pafs
+
+    path = datasets.split_path(storage, config.dataset, "test")
+    filesystem, base = (
+        pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
+    )
+    table = pads.dataset(base, filesystem=filesystem, format="parquet").to_table()
+    x = np.column_stack([table[name].to_numpy() for name in schema.features]).astype(np.float32)
+    return x, table[schema.label].to_numpy()
+
+
+def _evaluate(
+    model: Any, storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
+) -> dict[str, float]:
+    import torch
+
+    x, y = _test_frame(storage, config, schema)
+    with torch.no_grad():
+        logits = model(torch.from_numpy(x))
+        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long())
+    accuracy = float((logits.argmax(1).numpy() == y).mean())
+    return {"accuracy": round(accuracy, 6), "loss": round(float(loss), 6), "rows": len(y)}
+
+
+def _history(result: Any) -> list[dict[str, float]]:
+    frame = result.metrics_dataframe
+    if frame is None or frame.empty:
+        return []
+    keep = [
+        c
+        for c in (
+            "epoch",
+            "train_loss",
+            "train_accuracy",
+            "val_loss",
+            "val_accuracy",
+            "samples_per_s",
+        )
+        if c in frame.columns
+    ]
+    rows = frame[keep].drop_duplicates(subset="epoch", keep="last").to_dict("records")
+    return [{key: float(value) for key, value in row.items()} for row in rows]
+
+
+def _lineage(
+    config: TrainConfig, config_path: Path, schema: datasets.DatasetSchema
+) -> dict[str, str]:
+    return {
+        "job_id": records.current_job_id(),
+        "ray_job_id": _ray_job_id(),
+        "dataset": schema.name,
+        "dataset_fingerprint": schema.fingerprint,
+        "config_path": str(config_path),
+        "config_hash": records.config_hash(config.model_dump(mode="json")),
+        "git_commit": _git_commit(),
+        "run": config.name,
+    }
+
+
+def _ray_job_id() -> str:
+    import ray
+
+    return str(ray.get_runtime_context().get_job_id())
+
+
+def _git_commit() -> str:
+    # The uploaded working dir has no .git, so the submitter passes the commit along.
+    if os.environ.get("AIAAS_GIT_COMMIT"):
+        return os.environ["AIAAS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
