@@ -51,7 +51,7 @@ def free_ports(count: int) -> list[int]:
 
 def write_cluster_config(directory: Path, name: str, workers: int, **overrides: Any) -> Path:
     """A small cluster config with its own ports, storage root and (short) temp root."""
-    gcs, dashboard, client, metrics = free_ports(4)
+    gcs, dashboard, client, metrics, mlflow = free_ports(5)
     config: dict[str, Any] = {
         "kind": "cluster",
         "name": name,
@@ -78,6 +78,7 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
             "client_server": client,
             "metrics_export": metrics,
         },
+        "mlflow": {"port": mlflow},
         "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
     }
     config.update(overrides)

@@ -60,3 +60,18 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningCluster
         yield running
     finally:
         stop(running)
+
+
+@pytest.fixture(scope="session")
+def digits(cluster: RunningCluster) -> RunningCluster:
+    """The session cluster with the digits data set prepared under its storage root."""
+    result = support.run(
+        "aiaas",
+        "data",
+        "prepare",
+        "configs/data/digits.yaml",
+        "--cluster",
+        str(cluster.config_path),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return cluster

@@ -122,7 +122,8 @@ def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     small = start(tmp_path, "solo", workers=1)
     assert support.processes_under(small.temp_root), "the cluster should be running"
     sessions = [node["pid"] for node in small.state()["nodes"]]
-    ports = yaml.safe_load(small.config_path.read_text())["ports"]
+    config = yaml.safe_load(small.config_path.read_text())
+    ports = {**config["ports"], "mlflow": config["mlflow"]["port"]}
     stop(small)
     assert not small.state_path.exists()
     assert all(_sid_members(sid) == [] for sid in sessions)

@@ -1,0 +1,169 @@
+"""Training jobs on the real cluster: submit, follow, register with lineage, records, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+import yaml
+
+from tests import support
+from tests.e2e.conftest import RunningCluster
+
+
+def _aiaas(
+    cluster: RunningCluster, *args: str, timeout: float = 600
+) -> support.subprocess.CompletedProcess[str]:
+    return support.run("aiaas", *args, "--cluster", str(cluster.config_path), timeout=timeout)
+
+
+def _mlflow_uri(cluster: RunningCluster) -> str:
+    return f"http://127.0.0.1:{yaml.safe_load(cluster.config_path.read_text())['mlflow']['port']}"
+
+
+def _storage(cluster: RunningCluster) -> Path:
+    return Path(yaml.safe_load(cluster.config_path.read_text())["storage_root"])
+
+
+def test_prepared_digits_splits_are_parquet_with_a_schema(digits: RunningCluster) -> None:
+    root = _storage(digits) / "datasets" / "digits"
+    schema = json.loads((root / "schema.json").read_text())
+    assert schema["rows"] == {"train": 1257, "validation": 269, "test": 271}
+    assert schema["num_classes"] == 10 and schema["feature_shape"] == [1, 8, 8]
+    train = pd.read_parquet(root / "train")
+    assert len(train) == 1257 and list(train.columns[-1:]) == ["label"]
+    assert len(schema["fingerprint"]) == 32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config", ["configs/train/tiny/digits_mlp.yaml", "configs/train/tiny/digits_cnn.yaml"]
+)
+def test_tiny_twin_trains_and_registers_one_version_with_lineage(
+    digits: RunningCluster, config: str
+) -> None:
+    result = _aiaas(digits, "train", config, "--follow")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "  epoch   1  train_loss" in result.stdout
+    assert ": SUCCEEDED" in result.stdout
+    submission_id = result.stdout.split("Submitted ", 1)[1].split()[0]
+    model_name = yaml.safe_load(Path(support.REPO, config).read_text())["registration"][
+        "model_name"
+    ]
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    versions = client.search_model_versions(f"name='{model_name}'")
+    assert len(versions) == 1
+    tags = versions[0].tags
+    assert tags["aiaas.job_id"] == submission_id
+    schema = json.loads((_storage(digits) / "datasets" / "digits" / "schema.json").read_text())
+    assert tags["aiaas.dataset_fingerprint"] == schema["fingerprint"]
+    assert tags["aiaas.ray_job_id"] and tags["aiaas.config_hash"]
+    run = client.get_run(versions[0].run_id)
+    assert run.data.metrics["test_accuracy"] > 0.2
+    # The job's record, as `aiaas jobs status` shows it.
+    status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+    record = json.loads(status.stdout)
+    assert record["status"] == "SUCCEEDED"
+    assert record["result"]["registered"] == {"model": model_name, "version": versions[0].version}
+
+
+@pytest.mark.slow
+def test_failed_gate_registers_nothing_and_says_why(digits: RunningCluster, tmp_path: Path) -> None:
+    config = yaml.safe_load((support.REPO / "configs/train/tiny/digits_mlp.yaml").read_text())
+    config["name"] = "gate-miss"
+    config["registration"] = {"model_name": "gate-miss", "gate": {"accuracy": ">= 0.9999"}}
+    path = tmp_path / "gate.yaml"  # outside the project: staged under the storage root
+    path.write_text(yaml.safe_dump(config))
+    result = _aiaas(digits, "train", str(path), "--follow")
+    assert result.returncode == 1
+    assert "registration gate failed: test accuracy" in result.stdout + result.stderr
+    assert "is not >= 0.9999; nothing was registered" in result.stdout + result.stderr
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    assert client.search_model_versions("name='gate-miss'") == []
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None:
+    result = support.run(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        digits.dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "-m",
+        "jobs.train",
+        "configs/train/tiny/digits_mlp.yaml",
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Registered tiny-digits-mlp version" in result.stdout
+
+
+@pytest.mark.slow
+def test_stopped_job_is_stopped_and_registers_nothing(
+    digits: RunningCluster, tmp_path: Path
+) -> None:
+    config = yaml.safe_load((support.REPO / "configs/train/tiny/digits_mlp.yaml").read_text())
+    config.update(name="to-stop", epochs=50)
+    config["registration"]["model_name"] = "to-stop"
+    path = tmp_path / "stop.yaml"
+    path.write_text(yaml.safe_dump(config))
+    submitted = _aiaas(digits, "train", str(path))
+    assert submitted.returncode == 0, submitted.stderr
+    submission_id = submitted.stdout.split("Submitted ", 1)[1].split()[0]
+    import time
+
+    deadline = time.monotonic() + 240
+    while (
+        "epoch"
+        not in support.run(
+            "ray", "job", "logs", "--address", digits.dashboard_url, submission_id
+        ).stdout
+    ):
+        assert time.monotonic() < deadline, "the job never reached its first epoch"
+        time.sleep(2)
+    stopped = _aiaas(digits, "jobs", "stop", submission_id)
+    assert stopped.returncode == 0, stopped.stderr
+    assert f"{submission_id}: STOPPED" in stopped.stdout
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    assert client.search_model_versions("name='to-stop'") == []
+    checkpoints = list((_storage(digits) / "runs" / "to-stop").rglob("state.pt"))
+    assert checkpoints, "checkpoints of a stopped run are kept"
+
+
+def test_bad_inputs_fail_before_submission(digits: RunningCluster, tmp_path: Path) -> None:
+    base = yaml.safe_load((support.REPO / "configs/train/tiny/digits_mlp.yaml").read_text())
+
+    def attempt(**changes: object) -> str:
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**base, **changes}))
+        result = _aiaas(digits, "train", str(path))
+        assert result.returncode == 1, result.stdout
+        assert "Submitted" not in result.stdout and "Traceback" not in result.stderr
+        return result.stderr
+
+    assert "model.name (line" in attempt(model={"name": "resnet"})
+    assert "Error: data set 'nope' is not prepared under" in attempt(dataset="nope")
+    assert (
+        "scaling: 8 workers with {CPU=1} each can never be placed: the cluster's nodes fit 3"
+        in attempt(scaling={"num_workers": 8, "resources_per_worker": {"CPU": 1}})
+    )
+
+
+def test_job_records_outlive_the_cluster(digits: RunningCluster, tmp_path: Path) -> None:
+    # Same storage root, but no cluster at the address: what `jobs list` shows after `down`.
+    config = yaml.safe_load(digits.config_path.read_text())
+    config["ports"]["dashboard"] = support.free_ports(1)[0]
+    elsewhere = tmp_path / "down.yaml"
+    elsewhere.write_text(yaml.safe_dump(config))
+    result = support.run("aiaas", "jobs", "list", "--cluster", str(elsewhere))
+    assert result.returncode == 0, result.stderr
+    assert "aiaas-train-tiny-digits-mlp-" in result.stdout
+    assert "SUCCEEDED" in result.stdout
