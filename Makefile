@@ -28,8 +28,13 @@ demo: $(STAMP)
 	$(AIAAS) cluster up $(CLUSTER)
 	$(AIAAS) cluster status $(CLUSTER)
 	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.node_report
+	$(AIAAS) data prepare configs/data/digits.yaml --cluster $(CLUSTER)
+	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
+	$(AIAAS) jobs list --cluster $(CLUSTER)
 	@echo
-	@echo "Ray dashboard: http://127.0.0.1:8265   (stop everything: make down)"
+	@echo "Ray dashboard:   http://127.0.0.1:8265"
+	@echo "MLflow registry: http://127.0.0.1:5000"
+	@echo "Stop everything: make down"
 
 test: $(STAMP)
 	$(BIN)/lint-imports

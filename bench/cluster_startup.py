@@ -16,6 +16,7 @@ import httpx
 import psutil
 
 from bench import report
+from cluster import processes
 from tests import support
 
 BIN = Path(sys.executable).parent
@@ -54,47 +55,29 @@ def _by_hand(directory: Path) -> float:
         "--object-store-memory=104857600",
         "--disable-usage-stats",
     ]
-    leaders = []
-    started = time.perf_counter()
     head = [
-        str(BIN / "ray"),
-        "start",
         "--head",
         f"--port={gcs}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard}",
         f"--ray-client-server-port={client}",
-        f"--temp-dir={temp}/h",
-        *common,
     ]
-    leaders.append(
-        subprocess.Popen(
-            head,
+    nodes = [[*head, f"--temp-dir={temp}/h"]] + [
+        [f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp}/w{index}"] for index in range(2)
+    ]
+    leaders = []
+    started = time.perf_counter()
+    for arguments in nodes:
+        # Without --block, `ray start` returns once its node is up: one node after the other.
+        leader = subprocess.Popen(
+            [str(BIN / "ray"), "start", *arguments, *common],
             env=support.env(),
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    )
-    leaders[-1].wait()
-    for index in range(2):
-        worker = [
-            str(BIN / "ray"),
-            "start",
-            f"--address=127.0.0.1:{gcs}",
-            f"--temp-dir={temp}/w{index}",
-            *common,
-        ]
-        leaders.append(
-            subprocess.Popen(
-                worker,
-                env=support.env(),
-                start_new_session=True,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        leaders[-1].wait()
+        leader.wait()
+        leaders.append(leader)
     _wait_alive(f"http://127.0.0.1:{dashboard}", 3)
     elapsed = time.perf_counter() - started
     _stop_sessions([leader.pid for leader in leaders])
@@ -103,15 +86,8 @@ def _by_hand(directory: Path) -> float:
 
 
 def _stop_sessions(sessions: list[int]) -> None:
-    import os
-
-    members = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) in sessions:
-                members.append(process)
-        except (ProcessLookupError, PermissionError):
-            continue
+    # Plain `ray start` exits after forking its daemons, so every member gets the signal.
+    members = processes.session_members(sessions)
     for process in members:
         process.terminate()
     _, alive = psutil.wait_procs(members, timeout=10)

@@ -123,3 +123,21 @@ def ray_nodes(gcs_address: str) -> list[dict[str, Any]]:
     )
     nodes: list[dict[str, Any]] = json.loads(result.stdout.strip().splitlines()[-1])
     return nodes
+
+
+def ray_job_submit(
+    dashboard_url: str, *entrypoint: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """Ray's own ``ray job submit --working-dir .`` from the repository root, waiting for the end."""
+    return run(
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        dashboard_url,
+        "--working-dir",
+        ".",
+        "--",
+        *entrypoint,
+        timeout=timeout,
+    )

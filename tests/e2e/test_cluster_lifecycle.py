@@ -58,19 +58,7 @@ def test_ray_job_submit_uses_the_project_environment_and_a_small_upload(
         "size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk('.') for f in fs); "
         "print('UPLOAD', size, sorted(os.listdir('.'))); print('PYTHON', sys.executable)"
     )
-    result = support.run(
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        cluster.dashboard_url,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-c",
-        probe,
-    )
+    result = support.ray_job_submit(cluster.dashboard_url, "python", "-c", probe)
     assert result.returncode == 0, result.stdout + result.stderr
     upload = next(line for line in result.stdout.splitlines() if line.startswith("UPLOAD"))
     size = int(upload.split()[1])
@@ -84,19 +72,7 @@ def test_ray_job_submit_uses_the_project_environment_and_a_small_upload(
 
 
 def test_demo_job_runs_a_task_on_every_node(cluster: RunningCluster) -> None:
-    result = support.run(
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        cluster.dashboard_url,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-m",
-        "jobs.node_report",
-    )
+    result = support.ray_job_submit(cluster.dashboard_url, "python", "-m", "jobs.node_report")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Ran 3 tasks on 3 nodes" in result.stdout
     for name in ("head", "cpu-1", "cpu-2"):

@@ -87,20 +87,8 @@ def test_failed_gate_registers_nothing_and_says_why(digits: RunningCluster, tmp_
 
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None:
-    result = support.run(
-        "ray",
-        "job",
-        "submit",
-        "--address",
-        digits.dashboard_url,
-        "--working-dir",
-        ".",
-        "--",
-        "python",
-        "-m",
-        "jobs.train",
-        "configs/train/tiny/digits_mlp.yaml",
-        timeout=600,
+    result = support.ray_job_submit(
+        digits.dashboard_url, "python", "-m", "jobs.train", "configs/train/tiny/digits_mlp.yaml"
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Registered tiny-digits-mlp version" in result.stdout

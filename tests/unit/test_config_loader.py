@@ -113,7 +113,7 @@ def test_unknown_kind_suggests_the_right_one(tmp_path: Path) -> None:
     path = _write(tmp_path, "kind: clustr\n")
     assert (
         _error(path)
-        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster"
+        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster, dataset, train"
     )
 
 
@@ -175,7 +175,13 @@ def test_storage_root_schemes(tmp_path: Path) -> None:
         "s3:// or gs://" in message
     )
     remote = loader.load(
-        _write(tmp_path, VALID + "storage_root: s3://bucket/p\n", "s3.yaml"), ClusterConfig
+        _write(
+            tmp_path,
+            VALID
+            + "storage_root: s3://bucket/p\nmlflow: {backend_store_uri: 'postgresql://db/mlflow'}\n",
+            "s3.yaml",
+        ),
+        ClusterConfig,
     )
     assert remote.local_storage_root() is None
     local = loader.load(
