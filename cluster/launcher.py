@@ -7,6 +7,7 @@ torch and aiaas. A failed start stops whatever it had started before the error i
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -280,8 +281,10 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
     except BaseException:
         # Never leave half a cluster behind, whatever interrupted the start.
         if started:
-            echo("Start failed; stopping the nodes already started ...")
+            # Stop first: the echo itself may fail (a closed stdout) and must not skip this.
             processes.stop_sessions([node.pid for node in [*services, *started]])
+            with contextlib.suppress(Exception):
+                echo("Start failed; stopped the nodes already started.")
         raise
     current = state.ClusterState(
         name=config.name,
@@ -315,7 +318,10 @@ def _start_mlflow(config: ClusterConfig) -> state.NodeRecord:
         # ~150 MB and start-up time on a small machine.
         "--workers=1",
     ]
-    leader = processes.spawn(command, node_env(config), log_path)
+    env = node_env(config)
+    # MLflow's server-side job runner (GenAI evaluation) adds four processes we never use.
+    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
+    leader = processes.spawn(command, env, log_path)
     return state.NodeRecord(
         name="mlflow",
         role="service",
@@ -382,6 +388,12 @@ def _start_node(
         command.append(f"--resources={json.dumps(spec.resources)}")
     if spec.labels:
         command.append("--labels=" + ",".join(f"{k}={v}" for k, v in spec.labels.items()))
+    taken = set(config.ports.model_dump().values()) | {config.mlflow.port}
+    # Ray's dashboard agent listens on 52365 unless told otherwise: a second node or cluster on
+    # this machine would then have no agent, and the Jobs API answers "No available agent".
+    agent_port = ports.pick_free(1, avoid=taken)[0]
+    command.append(f"--dashboard-agent-listen-port={agent_port}")
+    taken.add(agent_port)
     if head_address is None:
         metrics_port = config.ports.metrics_export
         command += [
@@ -393,7 +405,7 @@ def _start_node(
         ]
     else:
         # A fixed, recorded port per worker so Prometheus and status can name it.
-        metrics_port = ports.pick_free(1, avoid=set(config.ports.model_dump().values()))[0]
+        metrics_port = ports.pick_free(1, avoid=taken)[0]
         command.append(f"--address={head_address}")
     command.append(f"--metrics-export-port={metrics_port}")
     log_path = temp_dir / "ray-start.log"
@@ -407,6 +419,7 @@ def _start_node(
         temp_dir=str(temp_dir),
         log_path=str(log_path),
         metrics_export_port=metrics_port,
+        agent_port=agent_port,
     )
 
 

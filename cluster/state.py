@@ -26,6 +26,7 @@ class NodeRecord(BaseModel):
     temp_dir: str
     log_path: str
     metrics_export_port: int = 0
+    agent_port: int = 0
     url: str | None = None
 
 

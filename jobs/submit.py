@@ -84,33 +84,40 @@ def submit(kind: str, config_path: Path, config: Any, cluster: ClusterConfig) ->
         submitted_at=time.time(),
     )
     jobs_client = client(cluster)
-    # Ray logs every ignored file of the upload at INFO; the record says what was sent.
-    logging.getLogger("ray").setLevel(logging.ERROR)
-    try:
-        jobs_client.submit_job(
-            entrypoint=entrypoint,
-            submission_id=submission_id,
-            runtime_env={
-                "working_dir": str(PROJECT),
-                "excludes": EXCLUDES,
-                "env_vars": {
-                    "AIAAS_SUBMISSION_ID": submission_id,
-                    "AIAAS_GIT_COMMIT": _git_commit(),
+    _quiet_ray_logs()
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            jobs_client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=submission_id,
+                runtime_env={
+                    "working_dir": str(PROJECT),
+                    "excludes": EXCLUDES,
+                    "env_vars": {
+                        "AIAAS_SUBMISSION_ID": submission_id,
+                        "AIAAS_GIT_COMMIT": _git_commit(),
+                    },
                 },
-            },
-            # The driver only orchestrates and evaluates; it must not hold a CPU the workers need.
-            entrypoint_num_cpus=0,
-            metadata={
-                "aiaas_kind": kind,
-                "config_name": config.name,
-                "config_hash": record.config_hash,
-            },
-        )
-    except Exception as exc:  # the SDK raises RuntimeError/ConnectionError/HTTP errors alike
-        raise errors.JobError(
-            f"submitting {entrypoint} to {record.address} failed: {exc}",
-            "Check the cluster with 'aiaas cluster status'.",
-        ) from None
+                # The driver only orchestrates and evaluates: it must not hold a CPU the
+                # workers need.
+                entrypoint_num_cpus=0,
+                metadata={
+                    "aiaas_kind": kind,
+                    "config_name": config.name,
+                    "config_hash": record.config_hash,
+                },
+            )
+            break
+        except Exception as exc:  # the SDK raises RuntimeError/ConnectionError/HTTP errors alike
+            # Right after `cluster up` the head's job agent may not have registered yet.
+            if "No available agent" in str(exc) and time.monotonic() < deadline:
+                time.sleep(1)
+                continue
+            raise errors.JobError(
+                f"submitting {entrypoint} to {record.address} failed: {exc}",
+                "Check the cluster with 'aiaas cluster status'.",
+            ) from None
     records.save(storage, record)
     return record
 
@@ -194,6 +201,13 @@ def progress(lines: Iterator[str] | list[str]) -> Iterator[dict[str, Any]]:
                 yield json.loads(line[marker + len("aiaas-progress ") :])
             except json.JSONDecodeError:
                 continue
+
+
+def _quiet_ray_logs() -> None:
+    # Ray logs each ignored file of the working-dir upload at INFO; the record says what was sent.
+    for name in list(logging.root.manager.loggerDict):
+        if name == "ray" or name.startswith("ray."):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _config_argument(config_path: Path, storage: Storage, submission_id: str) -> str:

@@ -173,6 +173,11 @@ class TrainConfig(ConfigModel):
     epochs: PositiveInt = Field(description="passes over the training split")
     batch_size: PositiveInt = Field(64, description="rows per step on each worker")
     seed: NonNegativeInt = Field(0, description="seed of weights and shuffling")
+    cache_data: bool = Field(
+        True,
+        description="read the splits into Ray's object store once instead of every epoch; "
+        "turn off for data larger than the cluster's object stores",
+    )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="workers and hardware")
     checkpoint: CheckpointSpec = Field(
         default_factory=CheckpointSpec, description="checkpoints kept"

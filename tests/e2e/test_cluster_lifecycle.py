@@ -97,6 +97,9 @@ def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     bystander = psutil.Process(os.getpid())  # a process of ours that down must not touch
     small = start(tmp_path, "solo", workers=1)
     assert support.processes_under(small.temp_root), "the cluster should be running"
+    # A second cluster beside the session's one takes jobs too (no shared agent port).
+    second = support.ray_job_submit(small.dashboard_url, "python", "-c", "print('second ok')")
+    assert second.returncode == 0 and "second ok" in second.stdout, second.stdout + second.stderr
     sessions = [node["pid"] for node in small.state()["nodes"]]
     config = yaml.safe_load(small.config_path.read_text())
     ports = {**config["ports"], "mlflow": config["mlflow"]["port"]}
@@ -136,7 +139,7 @@ def test_failed_start_stops_what_it_started(tmp_path: Path) -> None:
     result = support.run("aiaas", "cluster", "up", str(config_path))
     assert result.returncode == 1
     assert "Error: timed out waiting for node(s) head to be alive; their logs:" in result.stderr
-    assert "Start failed; stopping the nodes already started ..." in result.stdout
+    assert "Start failed; stopped the nodes already started." in result.stdout
     assert support.processes_under(config["temp_root"]) == []
     assert not (Path(config["storage_root"]) / "clusters" / "slow" / "state.json").exists()
 

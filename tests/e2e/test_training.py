@@ -40,10 +40,16 @@ def test_prepared_digits_splits_are_parquet_with_a_schema(digits: RunningCluster
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config", ["configs/train/tiny/digits_mlp.yaml", "configs/train/tiny/digits_cnn.yaml"]
+    ("config", "accuracy"),
+    [
+        ("configs/train/tiny/digits_mlp.yaml", 0.5),
+        ("configs/train/tiny/digits_cnn.yaml", 0.2),
+        ("configs/train/digits_mlp.yaml", 0.95),
+        ("configs/train/digits_cnn.yaml", 0.97),
+    ],
 )
-def test_tiny_twin_trains_and_registers_one_version_with_lineage(
-    digits: RunningCluster, config: str
+def test_training_registers_one_version_with_lineage(
+    digits: RunningCluster, config: str, accuracy: float
 ) -> None:
     result = _aiaas(digits, "train", config, "--follow")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -62,7 +68,7 @@ def test_tiny_twin_trains_and_registers_one_version_with_lineage(
     assert tags["aiaas.dataset_fingerprint"] == schema["fingerprint"]
     assert tags["aiaas.ray_job_id"] and tags["aiaas.config_hash"]
     run = client.get_run(versions[0].run_id)
-    assert run.data.metrics["test_accuracy"] > 0.2
+    assert run.data.metrics["test_accuracy"] >= accuracy
     # The job's record, as `aiaas jobs status` shows it.
     status = _aiaas(digits, "jobs", "status", submission_id, "--json")
     record = json.loads(status.stdout)
@@ -155,3 +161,87 @@ def test_job_records_outlive_the_cluster(digits: RunningCluster, tmp_path: Path)
     assert result.returncode == 0, result.stderr
     assert "aiaas-train-tiny-digits-mlp-" in result.stdout
     assert "SUCCEEDED" in result.stdout
+
+
+def _train_worker_nodes(cluster: RunningCluster) -> set[str]:
+    """Names of the nodes where Ray Train workers of a running job live."""
+    import httpx
+
+    url = cluster.dashboard_url
+    actors = httpx.get(
+        f"{url}/api/v0/actors", params={"limit": 10000, "detail": "true"}, timeout=30
+    )
+    nodes = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1000}, timeout=30)
+    names = {n["node_id"]: n["node_name"] for n in nodes.json()["data"]["result"]["result"]}
+    return {
+        names.get(actor["node_id"], "?")
+        for actor in actors.json()["data"]["result"]["result"]
+        if actor["class_name"] == "RayTrainWorker" and actor["state"] == "ALIVE"
+    }
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_resumes_from_the_checkpoint(
+    digits: RunningCluster, tmp_path: Path
+) -> None:
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    config = yaml.safe_load((support.REPO / "configs/train/digits_mlp.yaml").read_text())
+    config.update(name="node-loss", epochs=30)
+    # One worker per node, so losing a worker node always takes a training worker with it.
+    config["scaling"]["placement_strategy"] = "STRICT_SPREAD"
+    config["registration"] = {"model_name": "node-loss", "gate": {"accuracy": ">= 0.9"}}
+    path = tmp_path / "node-loss.yaml"
+    path.write_text(yaml.safe_dump(config))
+    submitted = _aiaas(digits, "train", str(path))
+    assert submitted.returncode == 0, submitted.stderr
+    submission_id = submitted.stdout.split("Submitted ", 1)[1].split()[0]
+
+    def log() -> str:
+        return support.run(
+            "ray", "job", "logs", "--address", digits.dashboard_url, submission_id
+        ).stdout
+
+    deadline = time.monotonic() + 300
+    while '"epoch": 3,' not in log():
+        assert time.monotonic() < deadline, "training never reached epoch 4"
+        time.sleep(1)
+    victims = sorted(_train_worker_nodes(digits) - {"head"})
+    assert victims, "a Ray Train worker should run on a worker node"
+    victim = next(node for node in digits.state()["nodes"] if node["name"] == victims[0])
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == victim["pid"]:
+                process.send_signal(signal.SIGKILL)
+        except (ProcessLookupError, psutil.Error):
+            continue
+
+    status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+    deadline = time.monotonic() + 600
+    while json.loads(status.stdout)["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, "the job did not finish after the node loss"
+        time.sleep(3)
+        status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+    record = json.loads(status.stdout)
+    text = log()
+    assert record["status"] == "SUCCEEDED", text[-3000:]
+    resumed = [
+        json.loads(line.split("aiaas-progress ", 1)[1])
+        for line in text.splitlines()
+        if '"resumed_from_epoch"' in line
+    ]
+    assert resumed and resumed[0]["resumed_from_epoch"] >= 3, (
+        "it must resume, not restart at epoch 0"
+    )
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    assert len(client.search_model_versions("name='node-loss'")) == 1
+    # Bring the lost node back for whatever runs next.
+    assert _aiaas_plain("cluster", "up", str(digits.config_path)).returncode == 0
+
+
+def _aiaas_plain(*args: str) -> support.subprocess.CompletedProcess[str]:
+    return support.run("aiaas", *args)

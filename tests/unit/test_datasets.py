@@ -69,3 +69,18 @@ def test_cnn_needs_image_features() -> None:
         caught.value
     )
     assert models.build(ModelSpec(name="cnn"), 64, 10, [1, 8, 8]) is not None
+
+
+def test_directory_of_csv_files_with_text_labels(tmp_path: Path) -> None:
+    source = tmp_path / "csvs"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        pd.DataFrame(
+            {"x1": rng.normal(size=50), "x2": rng.normal(size=50), "label": ["cat", "dog"] * 25}
+        ).to_csv(source / f"part{index}.csv", index=False)
+    schema = datasets.prepare(_config(type="file", path=str(source)), Storage(str(tmp_path)))
+    assert schema.class_names == ["cat", "dog"] and schema.num_classes == 2
+    assert sum(schema.rows.values()) == 100
+    train = pd.read_parquet(tmp_path / "datasets/t/train")
+    assert set(train["label"]) == {0, 1} and train["x1"].dtype == np.float32
