@@ -47,6 +47,10 @@ def collect(config: ClusterConfig) -> ClusterStatus:
             node.name
             for node in recorded.nodes
             if node.name not in names or processes.leader(node.pid, node.create_time) is None
+        ] + [
+            service.name
+            for service in recorded.services
+            if processes.leader(service.pid, service.create_time) is None
         ]
         jobs = dashboard.jobs()
         return ClusterStatus(

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import time
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -62,10 +65,48 @@ def save(storage: Storage, record: JobRecord) -> None:
     storage.write_text(f"jobs/{record.submission_id}/record.json", record.model_dump_json(indent=2))
 
 
-def save_result(storage: Storage | None, job_id: str, result: dict[str, Any]) -> None:
-    """Write the job's own outcome; a job run outside aiaas's cluster has nowhere to write."""
-    if storage is not None:
-        storage.write_text(f"jobs/{job_id}/result.json", json.dumps(result, indent=2, default=str))
+def save_outcome(
+    storage: Storage,
+    job_id: str,
+    kind: str,
+    config_path: Path,
+    outcome: dict[str, Any],
+    status: str,
+) -> None:
+    """Write the job's own outcome, and a record too when the job was submitted with Ray's CLI
+    (so `aiaas jobs list` shows it beside the jobs `aiaas train` submitted)."""
+    storage.write_text(f"jobs/{job_id}/result.json", json.dumps(outcome, indent=2, default=str))
+    if storage.read_text(f"jobs/{job_id}/record.json") is None:
+        config_text = config_path.read_text() if config_path.exists() else ""
+        save(
+            storage,
+            JobRecord(
+                submission_id=job_id,
+                kind=kind,
+                config_name=config_path.stem,
+                config_path=str(config_path),
+                config_hash=config_hash({"text": config_text}),
+                config={},
+                entrypoint=f"python -m jobs.{kind} {config_path}",
+                address="(submitted with Ray's own CLI)",
+                submitted_at=time.time(),
+                status=status,
+                ended_at=time.time(),
+            ),
+        )
+
+
+def git_commit(directory: Path | None = None) -> str:
+    """The project's git commit: from the submitter (uploads carry no .git), else from git."""
+    if os.environ.get("AIAAS_GIT_COMMIT"):
+        return os.environ["AIAAS_GIT_COMMIT"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def load(storage: Storage, submission_id: str) -> JobRecord | None:

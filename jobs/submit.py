@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -96,7 +95,7 @@ def submit(kind: str, config_path: Path, config: Any, cluster: ClusterConfig) ->
                     "excludes": EXCLUDES,
                     "env_vars": {
                         "AIAAS_SUBMISSION_ID": submission_id,
-                        "AIAAS_GIT_COMMIT": _git_commit(),
+                        "AIAAS_GIT_COMMIT": records.git_commit(PROJECT),
                     },
                 },
                 # The driver only orchestrates and evaluates: it must not hold a CPU the
@@ -223,13 +222,3 @@ def _config_argument(config_path: Path, storage: Storage, submission_id: str) ->
     staged.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(resolved, staged)
     return str(staged)
-
-
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=PROJECT, capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,6 +27,7 @@ from aiaas.storage import Storage
 from jobs import records
 
 PROGRESS = "aiaas-progress"
+READ_TASK_CPUS = 0.25
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -182,7 +182,12 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
     splits: dict[str, Any] = {
-        split: ray.data.read_parquet(datasets.split_path(storage, config.dataset, split))
+        split: ray.data.read_parquet(
+            datasets.split_path(storage, config.dataset, split),
+            # Small read tasks: when a node is lost, Ray re-runs them to rebuild the cached
+            # blocks while the training workers still hold most CPUs.
+            ray_remote_args={"num_cpus": READ_TASK_CPUS},
+        )
         for split in ("train", "validation")
     }
     if config.cache_data:
@@ -264,19 +269,18 @@ def main(argv: list[str]) -> int:
         print("usage: python -m jobs.train CONFIG", file=sys.stderr)
         return 2
     config_path = Path(argv[0])
-    job_id = records.current_job_id()
     try:
         config = loader.load(config_path, TrainConfig)
         outcome = run(config, config_path)
     except GateFailed as exc:
-        records.save_result(_storage_or_none(), job_id, {**exc.outcome, "error": exc.message})
+        _record(config_path, {**exc.outcome, "error": exc.message}, "FAILED")
         print(f"Error: {exc}", file=sys.stderr)
         return 1
     except errors.AiaasError as exc:
-        records.save_result(_storage_or_none(), job_id, {"error": str(exc)})
+        _record(config_path, {"error": str(exc)}, "FAILED")
         print(f"Error: {exc}", file=sys.stderr)
         return 1
-    records.save_result(_storage_or_none(), job_id, outcome)
+    _record(config_path, outcome, "SUCCEEDED")
     registered = outcome.get("registered")
     if registered:
         print(
@@ -284,6 +288,16 @@ def main(argv: list[str]) -> int:
             f"(test accuracy {outcome['test']['accuracy']:.4f})"
         )
     return 0
+
+
+def _record(config_path: Path, outcome: dict[str, Any], status: str) -> None:
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    if not root:
+        return  # run outside an aiaas cluster: nowhere to keep records
+    # Asked only now: after ray.init the id of a job submitted with Ray's own CLI is known.
+    records.save_outcome(
+        Storage(root), records.current_job_id(), "train", config_path, outcome, status
+    )
 
 
 def _storage() -> Storage:
@@ -294,11 +308,6 @@ def _storage() -> Storage:
             "Run the job on a cluster started with 'aiaas cluster up' (it sets the storage root).",
         )
     return Storage(root)
-
-
-def _storage_or_none() -> Storage | None:
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    return Storage(root) if root else None
 
 
 def _check_model_fits(config: TrainConfig, schema: datasets.DatasetSchema) -> None:
@@ -408,7 +417,7 @@ def _lineage(
         "dataset_fingerprint": schema.fingerprint,
         "config_path": str(config_path),
         "config_hash": records.config_hash(config.model_dump(mode="json")),
-        "git_commit": _git_commit(),
+        "git_commit": records.git_commit(),
         "run": config.name,
     }
 
@@ -417,19 +426,6 @@ def _ray_job_id() -> str:
     import ray
 
     return str(ray.get_runtime_context().get_job_id())
-
-
-def _git_commit() -> str:
-    # The uploaded working dir has no .git, so the submitter passes the commit along.
-    if os.environ.get("AIAAS_GIT_COMMIT"):
-        return os.environ["AIAAS_GIT_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -37,4 +37,6 @@ def prepare(config_path: Path, cluster_path: Path, dry_run: bool) -> None:
     click.echo(f"Prepared '{schema.name}' in {where}")
     click.echo(f"  rows: {rows}; {len(schema.features)} features; {schema.num_classes} classes")
     click.echo(f"  fingerprint: {schema.fingerprint}")
-    console.next_steps([f"aiaas train configs/train/{config.name}_mlp.yaml --follow"])
+    console.next_steps(
+        [f"aiaas train CONFIG --follow   (a train config with 'dataset: {config.name}')"]
+    )

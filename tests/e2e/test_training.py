@@ -98,6 +98,10 @@ def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Registered tiny-digits-mlp version" in result.stdout
+    # The job recorded itself, so `aiaas jobs list` shows it beside aiaas's own submissions.
+    listed = _aiaas(digits, "jobs", "list")
+    line = next(row for row in listed.stdout.splitlines() if row.startswith("ray-"))
+    assert "SUCCEEDED" in line and "registered tiny-digits-mlp" in line
 
 
 @pytest.mark.slow
