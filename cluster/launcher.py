@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,8 +22,7 @@ import psutil
 
 from aiaas import errors
 from aiaas.config.cluster import ClusterConfig, NodeSpec
-from aiaas.storage import Storage
-from cluster import ports, processes, state
+from cluster import environment, mlflow_service, ports, processes, state
 from cluster.dashboard import Dashboard
 
 # Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64 characters) under a node's
@@ -111,35 +109,6 @@ def plan(config: ClusterConfig) -> list[_PlannedNode]:
     return nodes
 
 
-def node_env(config: ClusterConfig) -> dict[str, str]:
-    """The environment of every Ray process of the cluster."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        # An inherited address would point Ray's own tools in the node at another cluster.
-        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-    }
-    env["PATH"] = f"{_venv_bin()}{os.pathsep}{env.get('PATH', '')}"
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    env["RAY_AUTH_MODE"] = config.auth_mode
-    env["AIAAS_STORAGE_ROOT"] = config.storage_root
-    env["AIAAS_CLUSTER_NAME"] = config.name
-    mlflow_url = config.mlflow_url()
-    if mlflow_url:
-        env["MLFLOW_TRACKING_URI"] = mlflow_url
-    env.update(config.env)
-    return env
-
-
-def cluster_dir(config: ClusterConfig) -> Path:
-    """The parent of every node's temp dir."""
-    return Path(config.temp_root).expanduser() / f"{config.name}-{config.ports.gcs}"
-
-
-def _venv_bin() -> Path:
-    return Path(sys.executable).parent
-
-
 @contextmanager
 def _lock(config: ClusterConfig) -> Iterator[None]:
     # Two `up`s at once would both find no cluster and both start one.
@@ -176,7 +145,7 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
             f"Stop that process, or set another 'mlflow: port:' in {config_path}. "
             "Nothing was started.",
         )
-    longest = max(len(str(cluster_dir(config) / node.name)) for node in plan(config))
+    longest = max(len(str(environment.cluster_dir(config) / node.name)) for node in plan(config))
     if longest > _MAX_TEMP_DIR:
         raise errors.ConfigError(
             f"temp_root in {config_path} gives node temp dirs of {longest} characters; Ray's "
@@ -191,7 +160,7 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
             f"than 80% of this machine's {total / 2**30:.1f} GiB",
             "Lower 'object_store_memory' of the head or the worker groups.",
         )
-    if not (_venv_bin() / "ray").exists():
+    if not (environment.venv_bin() / "ray").exists():
         raise errors.ClusterError(
             f"no 'ray' executable beside {sys.executable}",
             "Run aiaas from the project's virtualenv (make demo sets it up).",
@@ -234,11 +203,11 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
         restarted = [
             _start_node(config, by_name[node.name], _worker_address(config)) for node in lost
         ]
-        services = [_start_mlflow(config) for _ in lost_services]
+        services = [mlflow_service.start(config) for _ in lost_services]
         try:
             _wait_alive(dashboard, restarted, known, _deadline(config))
             for service in services:
-                _wait_healthy(service, _deadline(config))
+                mlflow_service.wait_healthy(service, _deadline(config))
         except BaseException:
             processes.stop_sessions([node.pid for node in [*restarted, *services]])
             raise
@@ -271,10 +240,10 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
                 started.extend(workers)
             if config.mlflow.enabled:
                 echo(f"Starting MLflow tracking server ({config.mlflow_url()}) ...")
-                services.append(_start_mlflow(config))
+                services.append(mlflow_service.start(config))
             _wait_alive(dashboard, started[1:], set(), deadline)
             for service in services:
-                _wait_healthy(service, deadline)
+                mlflow_service.wait_healthy(service, deadline)
             head_ip = next(
                 node["node_ip"] for node in dashboard.nodes() if node.get("is_head_node")
             )
@@ -293,68 +262,12 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
         started_at=time.time(),
         gcs_address=f"{head_ip}:{config.ports.gcs}",
         dashboard_url=config.dashboard_url(),
-        cluster_dir=str(cluster_dir(config)),
+        cluster_dir=str(environment.cluster_dir(config)),
         nodes=started,
         services=services,
     )
     state.save(config, current)
     return current
-
-
-def _start_mlflow(config: ClusterConfig) -> state.NodeRecord:
-    artifacts = Storage(config.storage_root).path("mlflow", "artifacts")
-    root = config.local_storage_root()
-    if root is not None:
-        (root / "mlflow").mkdir(parents=True, exist_ok=True)
-    log_path = cluster_dir(config) / "mlflow.log"
-    command = [
-        str(_venv_bin() / "mlflow"),
-        "server",
-        "--host=127.0.0.1",
-        f"--port={config.mlflow.port}",
-        f"--backend-store-uri={config.mlflow_backend_uri()}",
-        f"--artifacts-destination={artifacts}",
-        # One worker: the registry sees a handful of requests per job, and every worker costs
-        # ~150 MB and start-up time on a small machine.
-        "--workers=1",
-    ]
-    env = node_env(config)
-    # MLflow's server-side job runner (GenAI evaluation) adds four processes we never use.
-    env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] = "false"
-    leader = processes.spawn(command, env, log_path)
-    return state.NodeRecord(
-        name="mlflow",
-        role="service",
-        group="mlflow",
-        pid=leader.pid,
-        create_time=leader.create_time(),
-        temp_dir=artifacts,
-        log_path=str(log_path),
-        url=config.mlflow_url(),
-    )
-
-
-def _wait_healthy(service: state.NodeRecord, deadline: float) -> None:
-    import httpx
-
-    while True:
-        if processes.leader(service.pid, service.create_time) is None:
-            raise errors.ClusterError(
-                f"{service.name} exited while starting; the last lines of {service.log_path}:\n"
-                f"{processes.log_tail(Path(service.log_path))}"
-            )
-        try:
-            if httpx.get(f"{service.url}/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise errors.ClusterError(
-                f"timed out waiting for {service.name} at {service.url}; "
-                f"its log: {service.log_path}",
-                "Raise 'startup_timeout_s' in the cluster config if this machine is slow.",
-            )
-        time.sleep(0.5)
 
 
 def _worker_address(config: ClusterConfig) -> str:
@@ -369,11 +282,11 @@ def _deadline(config: ClusterConfig) -> float:
 def _start_node(
     config: ClusterConfig, node: _PlannedNode, head_address: str | None
 ) -> state.NodeRecord:
-    temp_dir = cluster_dir(config) / node.name
+    temp_dir = environment.cluster_dir(config) / node.name
     temp_dir.mkdir(parents=True, exist_ok=True)
     spec = node.spec
     command = [
-        str(_venv_bin() / "ray"),
+        str(environment.venv_bin() / "ray"),
         "start",
         "--block",
         "--disable-usage-stats",
@@ -409,7 +322,7 @@ def _start_node(
         command.append(f"--address={head_address}")
     command.append(f"--metrics-export-port={metrics_port}")
     log_path = temp_dir / "ray-start.log"
-    leader = processes.spawn(command, node_env(config), log_path)
+    leader = processes.spawn(command, environment.node_env(config), log_path)
     return state.NodeRecord(
         name=node.name,
         role=node.role,

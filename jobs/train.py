@@ -24,7 +24,7 @@ from aiaas import datasets, errors, placement, registry
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
 from aiaas.storage import Storage
-from jobs import records
+from jobs import evaluation, records
 
 PROGRESS = "aiaas-progress"
 READ_TASK_CPUS = 0.25
@@ -216,8 +216,8 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     best = result.get_best_checkpoint(config.checkpoint.score_metric, config.checkpoint.score_order)
     if best is None:
         raise errors.JobError(f"run '{config.name}' finished without a checkpoint")
-    model = _load_model(config, schema, best)
-    test = _evaluate(model, storage, config, schema)
+    model = evaluation.load_model(config, schema, best)
+    test = evaluation.evaluate(model, storage, config, schema)
     history = _history(result)
     outcome: dict[str, Any] = {
         "run": config.name,
@@ -246,7 +246,7 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
             f"registration gate failed: {'; '.join(broken)}; nothing was registered",
             outcome,
         )
-    example = _test_frame(storage, config, schema)[0][:8]
+    example = evaluation.test_split(storage, config, schema)[0][:8]
     registered = registry.register_torch_model(
         run_id, config.registration.model_name, model, example, lineage
     )
@@ -343,48 +343,6 @@ def _scheduler(config: TrainConfig, optimizer: Any) -> Any:
 
 def _unwrap(model: Any) -> Any:
     return model.module if hasattr(model, "module") else model
-
-
-def _load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: Any) -> Any:
-    import torch
-
-    from aiaas import models
-
-    with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", weights_only=False, map_location="cpu")
-    model = models.build(
-        config.model, len(schema.features), schema.num_classes, schema.feature_shape
-    )
-    model.load_state_dict(state["model"])
-    return model.eval()
-
-
-def _test_frame(
-    storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
-) -> tuple[np.ndarray, np.ndarray]:
-    import pyarrow.dataset as pads
-    from pyarrow import fs as pafs
-
-    path = datasets.split_path(storage, config.dataset, "test")
-    filesystem, base = (
-        pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
-    )
-    table = pads.dataset(base, filesystem=filesystem, format="parquet").to_table()
-    x = np.column_stack([table[name].to_numpy() for name in schema.features]).astype(np.float32)
-    return x, table[schema.label].to_numpy()
-
-
-def _evaluate(
-    model: Any, storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
-) -> dict[str, float]:
-    import torch
-
-    x, y = _test_frame(storage, config, schema)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x))
-        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long())
-    accuracy = float((logits.argmax(1).numpy() == y).mean())
-    return {"accuracy": round(accuracy, 6), "loss": round(float(loss), 6), "rows": len(y)}
 
 
 def _history(result: Any) -> list[dict[str, float]]:

@@ -12,7 +12,7 @@ import pytest
 from aiaas import errors
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
-from cluster import launcher, state
+from cluster import environment, launcher, state
 from tests import support
 
 
@@ -34,7 +34,7 @@ def test_taken_port_names_field_file_and_holder(tmp_path: Path) -> None:
         f"'ports: dashboard:' in {path}. Nothing was started."
     )
     assert state.load(config) is None
-    assert not launcher.cluster_dir(config).exists()
+    assert not environment.cluster_dir(config).exists()
 
 
 def test_long_temp_root_is_refused(tmp_path: Path) -> None:

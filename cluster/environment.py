@@ -1,0 +1,39 @@
+"""Where and with what environment the cluster's processes run."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from aiaas.config.cluster import ClusterConfig
+
+
+def node_env(config: ClusterConfig) -> dict[str, str]:
+    """The environment of every Ray process of the cluster."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        # An inherited address would point Ray's own tools in the node at another cluster.
+        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+    }
+    env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_AUTH_MODE"] = config.auth_mode
+    env["AIAAS_STORAGE_ROOT"] = config.storage_root
+    env["AIAAS_CLUSTER_NAME"] = config.name
+    mlflow_url = config.mlflow_url()
+    if mlflow_url:
+        env["MLFLOW_TRACKING_URI"] = mlflow_url
+    env.update(config.env)
+    return env
+
+
+def cluster_dir(config: ClusterConfig) -> Path:
+    """The parent of every node's temp dir."""
+    return Path(config.temp_root).expanduser() / f"{config.name}-{config.ports.gcs}"
+
+
+def venv_bin() -> Path:
+    """The project's virtualenv bin dir (``ray``, ``mlflow``, ``python``), put first on PATH."""
+    return Path(sys.executable).parent
