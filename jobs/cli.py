@@ -155,7 +155,7 @@ def _progress_printer() -> Any:
                 )
             elif "test" in event:
                 click.echo(f"  test: {json.dumps(event['test'])}")
-        if line.startswith(("Error:", "Registered ")):
+        if line.startswith(("Error:", "Registered ", "Already registered as ")):
             click.echo(f"  {line}")
 
     return on_line

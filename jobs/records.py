@@ -115,10 +115,15 @@ def load(storage: Storage, submission_id: str) -> JobRecord | None:
     if text is None:
         return None
     record = JobRecord.model_validate_json(text)
-    result = storage.read_text(f"jobs/{submission_id}/result.json")
-    if result is not None:
-        record = record.model_copy(update={"result": json.loads(result)})
-    return record
+    text = storage.read_text(f"jobs/{submission_id}/result.json")
+    if text is None:
+        return record
+    result = json.loads(text)
+    update: dict[str, Any] = {"result": result}
+    if record.status not in TERMINAL:
+        # The job wrote its outcome but its cluster went away before the record was refreshed.
+        update["status"] = "FAILED" if "error" in result else "SUCCEEDED"
+    return record.model_copy(update=update)
 
 
 def all_records(storage: Storage) -> list[JobRecord]:

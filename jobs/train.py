@@ -246,6 +246,21 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
             f"registration gate failed: {'; '.join(broken)}; nothing was registered",
             outcome,
         )
+    lineage["checkpoint"] = best.path
+    already = [
+        version
+        for version in registry.versions(config.registration.model_name)
+        if version["tags"].get(f"{registry.LINEAGE_PREFIX}checkpoint") == best.path
+    ]
+    if already:
+        # A finished run started again resumes at its end: same weights, no second version.
+        outcome["registered"] = {
+            "model": config.registration.model_name,
+            "version": already[0]["version"],
+            "already": True,
+        }
+        outcome["gate"] = "passed"
+        return outcome
     example = evaluation.test_split(storage, config, schema)[0][:8]
     registered = registry.register_torch_model(
         run_id, config.registration.model_name, model, example, lineage
@@ -283,8 +298,9 @@ def main(argv: list[str]) -> int:
     _record(config_path, outcome, "SUCCEEDED")
     registered = outcome.get("registered")
     if registered:
+        verb = "Already registered as" if registered.get("already") else "Registered"
         print(
-            f"Registered {registered['model']} version {registered['version']} "
+            f"{verb} {registered['model']} version {registered['version']} "
             f"(test accuracy {outcome['test']['accuracy']:.4f})"
         )
     return 0

@@ -97,7 +97,11 @@ def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None
         digits.dashboard_url, "python", "-m", "jobs.train", "configs/train/tiny/digits_mlp.yaml"
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Registered tiny-digits-mlp version" in result.stdout
+    assert "tiny-digits-mlp version" in result.stdout
+    # The run already finished under this name: it resumes at its end and reuses its version.
+    assert "Already registered as tiny-digits-mlp version 1" in result.stdout
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    assert len(client.search_model_versions("name='tiny-digits-mlp'")) == 1
     # The job recorded itself, so `aiaas jobs list` shows it beside aiaas's own submissions.
     listed = _aiaas(digits, "jobs", "list")
     line = next(row for row in listed.stdout.splitlines() if row.startswith("ray-"))
