@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import time
 from pathlib import Path
 
+import httpx
 import mlflow
 import pandas as pd
+import psutil
 import pytest
 import yaml
 
@@ -22,6 +27,22 @@ def _aiaas(
 
 def _mlflow_uri(cluster: RunningCluster) -> str:
     return f"http://127.0.0.1:{yaml.safe_load(cluster.config_path.read_text())['mlflow']['port']}"
+
+
+def _variant(tmp_path: Path, base: str, name: str, **changes: object) -> Path:
+    """A shipped train config with another run name and changes, written outside the project."""
+    config = yaml.safe_load((support.REPO / base).read_text())
+    config.update(name=name, **changes)
+    config["registration"] = {**config["registration"], "model_name": name}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _submit(cluster: RunningCluster, path: Path) -> str:
+    submitted = _aiaas(cluster, "train", str(path))
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.split("Submitted ", 1)[1].split()[0]
 
 
 def _storage(cluster: RunningCluster) -> Path:
@@ -112,24 +133,18 @@ def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None
 def test_stopped_job_is_stopped_and_registers_nothing(
     digits: RunningCluster, tmp_path: Path
 ) -> None:
-    config = yaml.safe_load((support.REPO / "configs/train/tiny/digits_mlp.yaml").read_text())
-    config.update(name="to-stop", epochs=50)
-    config["registration"]["model_name"] = "to-stop"
-    path = tmp_path / "stop.yaml"
-    path.write_text(yaml.safe_dump(config))
-    submitted = _aiaas(digits, "train", str(path))
-    assert submitted.returncode == 0, submitted.stderr
-    submission_id = submitted.stdout.split("Submitted ", 1)[1].split()[0]
-    import time
-
+    submission_id = _submit(
+        digits, _variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "to-stop", epochs=50)
+    )
     deadline = time.monotonic() + 240
+    # Epoch 1 reported means epoch 0's checkpoint is stored.
     while (
-        "epoch"
+        '"epoch": 1,'
         not in support.run(
             "ray", "job", "logs", "--address", digits.dashboard_url, submission_id
         ).stdout
     ):
-        assert time.monotonic() < deadline, "the job never reached its first epoch"
+        assert time.monotonic() < deadline, "the job never reached its second epoch"
         time.sleep(2)
     stopped = _aiaas(digits, "jobs", "stop", submission_id)
     assert stopped.returncode == 0, stopped.stderr
@@ -173,8 +188,6 @@ def test_job_records_outlive_the_cluster(digits: RunningCluster, tmp_path: Path)
 
 def _train_worker_nodes(cluster: RunningCluster) -> set[str]:
     """Names of the nodes where Ray Train workers of a running job live."""
-    import httpx
-
     url = cluster.dashboard_url
     actors = httpx.get(
         f"{url}/api/v0/actors", params={"limit": 10000, "detail": "true"}, timeout=30
@@ -192,22 +205,15 @@ def _train_worker_nodes(cluster: RunningCluster) -> set[str]:
 def test_losing_a_worker_node_resumes_from_the_checkpoint(
     digits: RunningCluster, tmp_path: Path
 ) -> None:
-    import os
-    import signal
-    import time
-
-    import psutil
-
-    config = yaml.safe_load((support.REPO / "configs/train/digits_mlp.yaml").read_text())
-    config.update(name="node-loss", epochs=30)
+    scaling = yaml.safe_load((support.REPO / "configs/train/digits_mlp.yaml").read_text())[
+        "scaling"
+    ]
     # One worker per node, so losing a worker node always takes a training worker with it.
-    config["scaling"]["placement_strategy"] = "STRICT_SPREAD"
-    config["registration"] = {"model_name": "node-loss", "gate": {"accuracy": ">= 0.9"}}
-    path = tmp_path / "node-loss.yaml"
-    path.write_text(yaml.safe_dump(config))
-    submitted = _aiaas(digits, "train", str(path))
-    assert submitted.returncode == 0, submitted.stderr
-    submission_id = submitted.stdout.split("Submitted ", 1)[1].split()[0]
+    scaling["placement_strategy"] = "STRICT_SPREAD"
+    path = _variant(
+        tmp_path, "configs/train/digits_mlp.yaml", "node-loss", epochs=30, scaling=scaling
+    )
+    submission_id = _submit(digits, path)
 
     def log() -> str:
         return support.run(
