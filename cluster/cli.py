@@ -89,7 +89,7 @@ def status(config_path: Path | None) -> None:
             f"Restart it: aiaas cluster down {path} && aiaas cluster up {path}"
         )
     click.echo(f"\nNodes ({len(report.nodes)} alive):")
-    pids = {node.name: node.pid for node in current.nodes}
+    recorded = {node.name: node for node in current.nodes}
     for node in report.nodes:
         total = node.get("resources_total", {})
         custom = {
@@ -104,7 +104,12 @@ def status(config_path: Path | None) -> None:
             f"memory={total.get('memory', 0) / 2**30:.1f}GiB "
             f"object_store={total.get('object_store_memory', 0) / 2**30:.2f}GiB"
             + (f" {custom}" if custom else "")
-            + (f" pid={pids[node['node_name']]}" if node["node_name"] in pids else "")
+            + (
+                f" pid={recorded[node['node_name']].pid} "
+                f"metrics=:{recorded[node['node_name']].metrics_export_port}"
+                if node["node_name"] in recorded
+                else ""
+            )
         )
     if report.missing:
         click.echo(

@@ -46,6 +46,8 @@ def test_status_shows_nodes_jobs_and_serve_apps(cluster: RunningCluster) -> None
     for name in ("head", "cpu-1", "cpu-2"):
         assert f"  {name}" in out
     assert "{'edge': 1.0}" in out
+    for node in cluster.state()["nodes"]:
+        assert f"pid={node['pid']} metrics=:{node['metrics_export_port']}" in out
     assert "Jobs: 0 running of" in out
     assert "Serve applications: 0" in out
 
