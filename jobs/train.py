@@ -162,6 +162,7 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     """
     import ray
     import ray.data
+    import ray.train
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -181,19 +182,7 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
             "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    splits: dict[str, Any] = {
-        split: ray.data.read_parquet(
-            datasets.split_path(storage, config.dataset, split),
-            # Small read tasks: when a node is lost, Ray re-runs them to rebuild the cached
-            # blocks while the training workers still hold most CPUs.
-            ray_remote_args={"num_cpus": READ_TASK_CPUS},
-        )
-        for split in ("train", "validation")
-    }
-    if config.cache_data:
-        # Read once into the object store: every epoch then splits cached blocks instead of
-        # scheduling new read tasks, which costs seconds per epoch on a small cluster.
-        splits = {split: dataset.materialize() for split, dataset in splits.items()}
+    splits = _read_splits(config, storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={
@@ -211,7 +200,16 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
         datasets=splits,
     )
     started = time.perf_counter()
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except ray.train.TrainingFailedError as exc:
+        # Wrapped at our boundary: the job record and `aiaas jobs status` get the cause.
+        raise errors.JobError(
+            f"training run '{config.name}' failed after {config.max_failures} restart(s): "
+            f"{str(exc).strip().splitlines()[-1][:500]}",
+            "See the worker errors with 'aiaas jobs logs ID'; a restart under the same name "
+            "resumes from the latest checkpoint.",
+        ) from exc
     train_seconds = time.perf_counter() - started
     best = result.get_best_checkpoint(config.checkpoint.score_metric, config.checkpoint.score_order)
     if best is None:
@@ -314,6 +312,31 @@ def _record(config_path: Path, outcome: dict[str, Any], status: str) -> None:
     records.save_outcome(
         Storage(root), records.current_job_id(), "train", config_path, outcome, status
     )
+
+
+def _read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:
+    import pyarrow
+    import ray.data
+
+    splits: dict[str, Any] = {}
+    for split in ("train", "validation"):
+        try:
+            dataset = ray.data.read_parquet(
+                datasets.split_path(storage, config.dataset, split),
+                # Small read tasks: when a node is lost, Ray re-runs them to rebuild the cached
+                # blocks while the training workers still hold most CPUs.
+                ray_remote_args={"num_cpus": READ_TASK_CPUS},
+            )
+            # Read once into the object store: every epoch then splits cached blocks instead
+            # of scheduling new read tasks, which costs seconds per epoch on a small cluster.
+            splits[split] = dataset.materialize() if config.cache_data else dataset
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise errors.ConfigError(
+                f"the {split} split of data set '{config.dataset}' cannot be read: "
+                f"{str(exc).strip().splitlines()[-1][:300]}",
+                f"Prepare it again: aiaas data prepare configs/data/{config.dataset}.yaml",
+            ) from None
+    return splits
 
 
 def _storage() -> Storage:

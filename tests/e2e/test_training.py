@@ -259,3 +259,24 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
 
 def _aiaas_plain(*args: str) -> support.subprocess.CompletedProcess[str]:
     return support.run("aiaas", *args)
+
+
+@pytest.mark.slow
+def test_a_damaged_data_set_fails_the_job_with_its_cause(
+    digits: RunningCluster, tmp_path: Path
+) -> None:
+    dataset = tmp_path / "broken.yaml"
+    dataset.write_text("kind: dataset\nname: broken\nsource: {type: sklearn_digits}\n")
+    prepared = _aiaas(digits, "data", "prepare", str(dataset))
+    assert prepared.returncode == 0, prepared.stderr
+    for part in (_storage(digits) / "datasets" / "broken" / "train").glob("*.parquet"):
+        part.write_bytes(b"not parquet at all")
+    path = _variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "broken-run", dataset="broken")
+    result = _aiaas(digits, "train", str(path), "--follow")
+    assert result.returncode == 1
+    assert ": FAILED" in result.stdout
+    assert "the train split of data set 'broken' cannot be read:" in result.stderr
+    assert "Prepare it again: aiaas data prepare configs/data/broken.yaml" in result.stderr
+    assert "Traceback" not in result.stderr
+    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    assert client.search_model_versions("name='broken-run'") == []
