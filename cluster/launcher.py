@@ -129,22 +129,19 @@ def _lock(config: ClusterConfig) -> Iterator[None]:
 
 
 def _preflight(config: ClusterConfig, config_path: Path) -> None:
-    for field_name in type(config.ports).model_fields:
-        port = getattr(config.ports, field_name)
+    wanted = [
+        ("ports", name, getattr(config.ports, name)) for name in type(config.ports).model_fields
+    ]
+    if config.mlflow.enabled:
+        wanted.append(("mlflow", "port", config.mlflow.port))
+    for section, name, port in wanted:
         if not ports.is_free(port):
             raise errors.PortInUseError(
-                f"port {port} (ports.{field_name} in {config_path}) is in use by "
+                f"port {port} ({section}.{name} in {config_path}) is in use by "
                 f"{ports.holder(port)}",
-                f"Stop that process, or set another port under 'ports: {field_name}:' in "
+                f"Stop that process, or set another port under '{section}: {name}:' in "
                 f"{config_path}. Nothing was started.",
             )
-    if config.mlflow.enabled and not ports.is_free(config.mlflow.port):
-        raise errors.PortInUseError(
-            f"port {config.mlflow.port} (mlflow.port in {config_path}) is in use by "
-            f"{ports.holder(config.mlflow.port)}",
-            f"Stop that process, or set another 'mlflow: port:' in {config_path}. "
-            "Nothing was started.",
-        )
     longest = max(len(str(environment.cluster_dir(config) / node.name)) for node in plan(config))
     if longest > _MAX_TEMP_DIR:
         raise errors.ConfigError(

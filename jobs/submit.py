@@ -138,7 +138,9 @@ def refresh(cluster: ClusterConfig, record: records.JobRecord) -> records.JobRec
             jobs_client.get_job_logs(record.submission_id).splitlines()[-40:]
         )
     fresh = record.model_copy(update=update)
-    records.save(Storage(cluster.storage_root), fresh.model_copy(update={"result": None}))
+    if fresh != record:
+        # Only on change: `wait` polls every second and need not rewrite an unchanged record.
+        records.save(Storage(cluster.storage_root), fresh.model_copy(update={"result": None}))
     return fresh
 
 
