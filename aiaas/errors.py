@@ -49,3 +49,7 @@ class ClusterNotRunningError(ClusterError):
 
 class JobError(AiaasError):
     """A Ray job could not be submitted, or it failed."""
+
+
+class DeployError(AiaasError):
+    """A Serve application did not become healthy; the previous one keeps serving."""

@@ -1,32 +1,75 @@
 """The model registry: MLflow's, reached at the tracking server ``cluster up`` starts.
 
-Only this module talks to MLflow, so the rest of aiaas speaks of versions and lineage, not of
-MLflow's client API.
+Only this module, :mod:`aiaas.registration` (writes) and :mod:`aiaas.aliases` talk to MLflow,
+so the rest of aiaas speaks of versions, formats and lineage, not of MLflow's client API.
+
+A version becomes *servable* only when its last registration step has run (the ``aiaas.ready``
+tag). A registration that dies half-way leaves a version without it, which ``models list`` shows
+as incomplete and which nothing promotes or serves.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from aiaas import errors
+from aiaas.model_ref import ModelRef as ModelRef
+from aiaas.model_ref import parse_ref as parse_ref
 
 if TYPE_CHECKING:
-    import numpy as np
-    from torch import nn
+    from mlflow import MlflowClient
 
 #: Tag keys of a version's lineage, shown by `aiaas models show`.
 LINEAGE_PREFIX = "aiaas."
+READY_TAG = f"{LINEAGE_PREFIX}ready"
+FORMAT_TAG = f"{LINEAGE_PREFIX}format"
+#: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
+FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx")
 
 
 @dataclass
-class Registered:
-    """A registered model version."""
+class Version:
+    """A registered model version as aiaas shows it."""
 
     name: str
     version: str
     run_id: str
+    created: float
+    aliases: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    params: dict[str, str] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def ready(self) -> bool:
+        """True once registration finished; only ready versions are promoted or served."""
+        return self.tags.get(READY_TAG) == "true"
+
+    @property
+    def format(self) -> str:
+        return self.tags.get(FORMAT_TAG, "torch")
+
+    @property
+    def lineage(self) -> dict[str, str]:
+        """The ``aiaas.*`` tags without the prefix (job id, data set fingerprint, parent, ...)."""
+        return {
+            key[len(LINEAGE_PREFIX) :]: value
+            for key, value in self.tags.items()
+            if key.startswith(LINEAGE_PREFIX)
+        }
+
+    @property
+    def created_text(self) -> str:
+        return datetime.datetime.fromtimestamp(self.created).strftime("%Y-%m-%d %H:%M:%S")
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
 
 
 def tracking_uri() -> str:
@@ -41,88 +84,136 @@ def tracking_uri() -> str:
     return uri
 
 
-def log_run(
-    experiment: str,
-    run_name: str,
-    params: dict[str, Any],
-    history: list[dict[str, float]],
-    metrics: dict[str, float],
-    tags: dict[str, str],
-) -> str:
-    """Log a training run (params, per-epoch history, final metrics, lineage tags).
-
-    Returns:
-        The MLflow run id.
-    """
+def client(uri: str | None = None) -> MlflowClient:
+    """An MLflow client of the registry at ``uri`` (default: MLFLOW_TRACKING_URI)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name) as run:
-        mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
-        for row in history:
-            step = int(row.get("epoch", 0))
-            mlflow.log_metrics(
-                {k: float(v) for k, v in row.items() if k != "epoch" and _number(v)}, step=step
-            )
-        mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
-        mlflow.set_tags({f"{LINEAGE_PREFIX}{key}": value for key, value in tags.items()})
-        return str(run.info.run_id)
+    uri = uri or tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-def register_torch_model(
-    run_id: str,
-    model_name: str,
-    model: nn.Module,
-    example: np.ndarray,
-    tags: dict[str, str],
-) -> Registered:
-    """Log a torch model with its input signature into a run and register it as a new version."""
-    import mlflow
-    import torch
-    from mlflow.models import infer_signature
-
-    mlflow.set_tracking_uri(tracking_uri())
-    model = model.eval()
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    signature = infer_signature(example, output)
-    with mlflow.start_run(run_id=run_id):
-        info = mlflow.pytorch.log_model(
-            model,
-            name="model",
-            signature=signature,
-            input_example=example[:2],
-            # Naming the requirements skips MLflow's slow import-tracing inference.
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-            registered_model_name=model_name,
-            await_registration_for=60,
+def versions(model_name: str, uri: str | None = None) -> list[Version]:
+    """Every version of a registered model, oldest first (incomplete ones included)."""
+    mlflow_client = client(uri)
+    model = registered_model(mlflow_client, model_name)
+    if model is None:
+        return []
+    aliases: dict[str, list[str]] = {}
+    for alias, number in (model.aliases or {}).items():
+        aliases.setdefault(str(number), []).append(alias)
+    found = mlflow_client.search_model_versions(f"name='{_quote(model_name)}'")
+    result = [
+        Version(
+            name=model_name,
+            version=str(v.version),
+            run_id=str(v.run_id or ""),
+            created=(v.creation_timestamp or 0) / 1000,
+            aliases=aliases.get(str(v.version), []),
+            tags=dict(v.tags),
+            source=str(v.source or ""),
         )
-    version = str(info.registered_model_version)
-    client = mlflow.MlflowClient()
-    for key, value in tags.items():
-        client.set_model_version_tag(model_name, version, f"{LINEAGE_PREFIX}{key}", value)
-    return Registered(name=model_name, version=version, run_id=run_id)
+        for v in found
+    ]
+    return sorted(result, key=lambda v: int(v.version))
 
 
-def versions(model_name: str) -> list[dict[str, Any]]:
-    """Every version of a registered model, oldest first, with its tags."""
-    import mlflow
+def model_names(uri: str | None = None) -> list[str]:
+    """Every registered model's name, sorted."""
+    mlflow_client = client(uri)
+    names: list[str] = []
+    token = None
+    while True:
+        page = mlflow_client.search_registered_models(max_results=1000, page_token=token)
+        names += [model.name for model in page]
+        token = page.token
+        if not token:
+            return sorted(names)
 
-    mlflow.set_tracking_uri(tracking_uri())
-    found = mlflow.MlflowClient().search_model_versions(f"name='{model_name}'")
-    return sorted(
-        (
-            {"version": v.version, "run_id": v.run_id, "tags": dict(v.tags), "status": v.status}
-            for v in found
-        ),
-        key=lambda v: int(v["version"]),
+
+def resolve(ref: ModelRef, uri: str | None = None, *, with_run: bool = False) -> Version:
+    """The version a reference names; the latest ready version for a bare name.
+
+    Raises:
+        ConfigError: Unknown model, version or alias (the message lists what exists), or a
+            version whose registration never finished.
+    """
+    found = versions(ref.name, uri) if ref.name in model_names(uri) else None
+    if found is None:
+        raise _unknown_model(ref.name, uri)
+    if ref.alias:
+        held = [v for v in found if ref.alias in v.aliases]
+        if not held:
+            existing = sorted({alias for v in found for alias in v.aliases})
+            raise errors.ConfigError(
+                f"model '{ref.name}' has no alias '{ref.alias}'"
+                + (f" (aliases: {', '.join(existing)})" if existing else " (it has no aliases)"),
+                f"Set it with: aiaas models promote {ref.name} VERSION --alias {ref.alias}",
+            )
+        chosen = held[0]
+    elif ref.version:
+        by_number = {v.version: v for v in found}
+        if ref.version not in by_number:
+            raise errors.ConfigError(
+                f"model '{ref.name}' has no version {ref.version} "
+                f"(versions: {', '.join(by_number) or 'none'})",
+                f"See them with: aiaas models list {ref.name}",
+            )
+        chosen = by_number[ref.version]
+    else:
+        ready = [v for v in found if v.ready]
+        if not ready:
+            raise errors.ConfigError(
+                f"model '{ref.name}' has no complete version", "Train or import one first."
+            )
+        chosen = ready[-1]
+    if not chosen.ready:
+        raise errors.ConfigError(
+            f"{chosen.name}:{chosen.version} never finished registering (no {READY_TAG} tag), "
+            "so it is not servable",
+            "Register the model again; this version stays hidden from serving.",
+        )
+    if with_run:
+        _add_run(chosen, uri)
+    return chosen
+
+
+def with_runs(found: list[Version], uri: str | None = None) -> list[Version]:
+    """The versions with their run's metrics and params filled in."""
+    for version in found:
+        _add_run(version, uri)
+    return found
+
+
+def _add_run(version: Version, uri: str | None) -> None:
+    if not version.run_id:
+        return
+    run = client(uri).get_run(version.run_id)
+    version.metrics = {key: float(value) for key, value in run.data.metrics.items()}
+    version.params = dict(run.data.params)
+
+
+def registered_model(mlflow_client: MlflowClient, name: str) -> Any:
+    """MLflow's registered model of that name, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow_client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
+def _unknown_model(name: str, uri: str | None) -> errors.ConfigError:
+    names = model_names(uri)
+    close = difflib.get_close_matches(name, names, n=1)
+    hint = f"did you mean '{close[0]}'? " if close else ""
+    return errors.ConfigError(
+        f"no registered model '{name}'" + (f" (models: {', '.join(names)})" if names else ""),
+        hint + "List them with: aiaas models list",
     )
 
 
-def _number(value: Any) -> bool:
-    try:
-        float(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+def _quote(text: str) -> str:
+    return text.replace("'", "\\'")

@@ -22,8 +22,8 @@ import psutil
 
 from aiaas import errors
 from aiaas.config.cluster import ClusterConfig, NodeSpec
+from aiaas.dashboard import Dashboard
 from cluster import environment, mlflow_service, ports, processes, state
-from cluster.dashboard import Dashboard
 
 # Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64 characters) under a node's
 # temp dir, and Unix socket paths stop at 107 characters.

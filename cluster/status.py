@@ -7,8 +7,8 @@ from typing import Any
 
 from aiaas import errors
 from aiaas.config.cluster import ClusterConfig
+from aiaas.dashboard import Dashboard
 from cluster import processes, state
-from cluster.dashboard import Dashboard
 
 _ACTIVE_JOB_STATES = ("PENDING", "RUNNING")
 

@@ -28,13 +28,13 @@ def load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: 
 
 
 def test_split(
-    storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
+    storage: Storage, dataset: str, schema: datasets.DatasetSchema
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of the prepared test split."""
+    """Features and labels of a prepared data set's test split."""
     import pyarrow.dataset as pads
     from pyarrow import fs as pafs
 
-    path = datasets.split_path(storage, config.dataset, "test")
+    path = datasets.split_path(storage, dataset, "test")
     filesystem, base = (
         pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
     )
@@ -49,7 +49,7 @@ def evaluate(
     """Accuracy and mean cross-entropy loss on the test split."""
     import torch
 
-    x, y = test_split(storage, config, schema)
+    x, y = test_split(storage, config.dataset, schema)
     with torch.no_grad():
         logits = model(torch.from_numpy(x))
         loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long())

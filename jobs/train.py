@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from aiaas import datasets, errors, placement, registry
+from aiaas import datasets, errors, placement, registration, registry
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
 from aiaas.storage import Storage
@@ -229,7 +229,7 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     if config.registration is None:
         return outcome
     lineage = _lineage(config, config_path, schema)
-    run_id = registry.log_run(
+    run_id = registration.log_run(
         experiment=config.name,
         run_name=lineage["job_id"],
         params=_flatten(config.model_dump(mode="json")),
@@ -248,19 +248,19 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     already = [
         version
         for version in registry.versions(config.registration.model_name)
-        if version["tags"].get(f"{registry.LINEAGE_PREFIX}checkpoint") == best.path
+        if version.ready and version.lineage.get("checkpoint") == best.path
     ]
     if already:
         # A finished run started again resumes at its end: same weights, no second version.
         outcome["registered"] = {
             "model": config.registration.model_name,
-            "version": already[0]["version"],
+            "version": already[0].version,
             "already": True,
         }
         outcome["gate"] = "passed"
         return outcome
-    example = evaluation.test_split(storage, config, schema)[0][:8]
-    registered = registry.register_torch_model(
+    example = evaluation.test_split(storage, config.dataset, schema)[0][:8]
+    registered = registration.register_torch_model(
         run_id, config.registration.model_name, model, example, lineage
     )
     outcome["registered"] = {"model": registered.name, "version": registered.version}

@@ -19,6 +19,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("aiaas.cli.data:data", "Prepare data sets as Parquet under the storage root."),
     "train": ("jobs.cli:train", "Submit a training job (Ray Train) through Ray Jobs."),
     "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
+    "models": ("jobs.models_cli:models", "Registered models: list, show, promote, optimize."),
+    "serve": ("aiaas.cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
 }
 
 

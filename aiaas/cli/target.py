@@ -29,3 +29,37 @@ def cluster_option(func: Callable[..., Any]) -> Callable[..., Any]:
 def load_cluster(path: Path) -> ClusterConfig:
     """Load and validate the cluster config."""
     return loader.load(path, ClusterConfig)
+
+
+def registry_uri(cluster: ClusterConfig) -> str:
+    """The cluster's MLflow registry URL, checked to answer, set for this process.
+
+    Raises:
+        ClusterError: MLflow is disabled in the cluster config or not answering.
+    """
+    import os
+
+    import httpx
+
+    from aiaas import errors
+
+    url = cluster.mlflow_url()
+    if url is None:
+        raise errors.ClusterError(
+            f"the cluster '{cluster.name}' has MLflow disabled, so it has no model registry",
+            "Set mlflow.enabled: true in the cluster config and run 'aiaas cluster up'.",
+        )
+    try:
+        healthy = httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    if not healthy:
+        raise errors.ClusterError(
+            f"the model registry (MLflow) at {url} is not answering",
+            "Start the cluster (it starts MLflow): aiaas cluster up",
+        )
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    # A command must fail fast, not retry a refused connection for minutes (MLflow's default).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+    return url

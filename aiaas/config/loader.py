@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "cluster": "aiaas.config.cluster:ClusterConfig",
     "dataset": "aiaas.config.dataset:DatasetConfig",
     "train": "aiaas.config.train:TrainConfig",
+    "optimize": "aiaas.config.optimize:OptimizeConfig",
 }
 
 M = TypeVar("M", bound=BaseModel)
@@ -162,13 +163,49 @@ def _kind_of(path: Path, data: dict[str, Any]) -> str:
 
 
 def _check_serve(path: Path, data: dict[str, Any], node: yaml.Node | None) -> None:
-    # Serve's own schema, so a file that passes here is one `serve deploy` accepts.
+    # Serve's own schema, so a file that passes here is one `serve deploy` accepts; then each
+    # app's `args` against the app's own `Args` model, which Serve would only check on the
+    # cluster, after the deploy was accepted.
     from ray.serve.schema import ServeDeploySchema
 
     try:
         ServeDeploySchema.model_validate(data)
     except ValidationError as exc:
         raise errors.ConfigError(format_problems(path, "Ray Serve", exc, None, node)) from None
+    lines = []
+    for index, app in enumerate(data.get("applications") or []):
+        args_model = app_args_model(str(app.get("import_path", "")))
+        if args_model is None:
+            continue
+        try:
+            args_model.model_validate(app.get("args") or {})
+        except ValidationError as exc:
+            for error in exc.errors(include_url=False):
+                loc = ("applications", index, "args", *error["loc"])
+                lines.append(
+                    f"  • {_where(loc, node)}: {_message(error, tuple(error['loc']), args_model)}"
+                )
+    if lines:
+        count = len(lines)
+        header = (
+            f"{path}: not a valid Ray Serve config ({count} problem{'s' if count != 1 else ''}):"
+        )
+        raise errors.ConfigError("\n".join([header, *lines]))
+
+
+def app_args_model(import_path: str) -> type[BaseModel] | None:
+    """The ``Args`` model of one of our Serve apps (``serve_apps.x:build_app``), else None."""
+    module_name = import_path.replace(":", ".").rsplit(".", 1)[0]
+    if not module_name.startswith("serve_apps."):
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return None  # Serve reports an unknown import path itself, on deploy
+    args_model = getattr(module, "Args", None)
+    if isinstance(args_model, type) and issubclass(args_model, BaseModel):
+        return args_model
+    return None
 
 
 def _where(loc: tuple[Any, ...], node: yaml.Node | None) -> str:

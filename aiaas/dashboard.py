@@ -71,6 +71,25 @@ class Dashboard:
             return {}
         return dict(body.get("applications") or {})
 
+    def serve_details(self) -> dict[str, Any]:
+        """Serve's whole state (``GET /api/serve/applications/``): apps, their deployed
+        configs, deployments and replicas, HTTP options."""
+        return dict(self._get("/api/serve/applications/"))
+
+    def put_serve(self, config: dict[str, Any]) -> None:
+        """Deploy a complete Serve config (every app; apps left out are deleted)."""
+        try:
+            response = self._client.put(f"{self.url}/api/serve/applications/", json=config)
+        except httpx.HTTPError as exc:
+            raise errors.ClusterError(
+                f"the Ray dashboard at {self.url} did not take the Serve config: {exc}",
+                "Is the cluster up? Run 'aiaas cluster status'.",
+            ) from None
+        if response.status_code != 200:
+            raise errors.ClusterError(
+                f"Serve rejected the config (HTTP {response.status_code}): {response.text[:500]}"
+            )
+
     def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:
         try:
             response = self._client.get(f"{self.url}{path}", params=params)

@@ -1,0 +1,159 @@
+"""Model artifacts in every format aiaas registers, and the conversions between them.
+
+One interface for all formats — ``Predictor.predict(features) -> logits`` on float32 numpy arrays —
+so the optimize stage measures parent and child alike and the model server loads whatever a
+version holds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from aiaas import errors, registry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+
+class Predictor(Protocol):
+    """Logits for a batch of feature rows."""
+
+    format: str
+    #: One row's shape from the registered signature, e.g. ``(64,)``; None when unrecorded.
+    input_shape: tuple[int, ...] | None
+
+    def predict(self, features: np.ndarray) -> np.ndarray: ...
+
+
+class TorchPredictor:
+    """An eager, dynamically quantized or TorchScript module, run without autograd."""
+
+    def __init__(self, module: Any, model_format: str) -> None:
+        import torch
+
+        self.module = module.eval()
+        self.format = model_format
+        self.input_shape: tuple[int, ...] | None = None
+        self._torch = torch
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        with self._torch.inference_mode():
+            return np.asarray(self.module(self._torch.from_numpy(features)).numpy())
+
+
+class OnnxPredictor:
+    """An ONNX graph run by onnxruntime on the CPU."""
+
+    format = "onnx"
+    input_shape: tuple[int, ...] | None = None
+
+    def __init__(self, path: str, threads: int) -> None:
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            path, options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(self.session.run(None, {self.input_name: features})[0])
+
+
+def load(version: registry.Version, threads: int = 1) -> Predictor:
+    """Download a version's artifact and load it for inference on the CPU.
+
+    Raises:
+        StorageError: The artifact is missing or cannot be loaded (named with the version).
+    """
+    import mlflow
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=version.uri, tracking_uri=registry.tracking_uri()
+        )
+        predictor: Predictor
+        if version.format == "onnx":
+            predictor = OnnxPredictor(str(Path(local) / "model.onnx"), threads)
+        else:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's notes on quantized storage
+                module = mlflow.pytorch.load_model(local, map_location="cpu")
+            predictor = TorchPredictor(module, version.format)
+        predictor.input_shape = _input_shape(local)
+        return predictor
+    except Exception as exc:  # MLflow, torch and onnxruntime each raise their own types
+        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
+        raise errors.StorageError(
+            f"{version.name}:{version.version} ({version.format}) cannot be loaded: {cause}",
+            "Register the model again, or roll back to a version that loads.",
+        ) from exc
+
+
+def _input_shape(local: str) -> tuple[int, ...] | None:
+    from mlflow.models import Model
+
+    signature = Model.load(local).signature
+    inputs = signature.inputs.to_dict() if signature and signature.inputs else []
+    if len(inputs) != 1 or "tensor-spec" not in inputs[0]:
+        return None
+    return tuple(int(size) for size in inputs[0]["tensor-spec"]["shape"][1:])
+
+
+def method_problem(method: str, model: nn.Module | None, model_format: str) -> str | None:
+    """Why an optimize method does not apply to a model, or None when it does."""
+    from torch import nn
+
+    if model_format != "torch" or model is None:
+        return (
+            f"{method} converts an eager PyTorch model, but this version is '{model_format}'; "
+            "optimize the version it was made from (see 'parent' in aiaas models show)"
+        )
+    if method == "dynamic-int8" and not any(isinstance(m, nn.Linear) for m in model.modules()):
+        return "dynamic-int8 quantizes Linear layers and this model has none"
+    return None
+
+
+def convert(module: nn.Module, method: str, example: np.ndarray) -> Any:
+    """The optimized form of an eager module: a module for torch formats, an ONNX file path."""
+    import torch
+
+    module = module.eval()
+    sample = torch.from_numpy(example)
+    if method == "dynamic-int8":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return torch.ao.quantization.quantize_dynamic(
+                module, {torch.nn.Linear}, dtype=torch.qint8
+            )
+    if method == "torchscript":
+        with torch.no_grad():
+            return torch.jit.freeze(torch.jit.trace(module, sample))
+    if method == "onnx":
+        path = os.path.join(tempfile.mkdtemp(prefix="aiaas-onnx-"), "model.onnx")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (sample,),
+                path,
+                input_names=["features"],
+                output_names=["logits"],
+                dynamic_shapes={"x": {0: torch.export.Dim("batch")}},
+                dynamo=True,
+                verbose=False,
+            )
+        return path
+    raise errors.ConfigError(
+        f"unknown optimize method '{method}'", "Use dynamic-int8, torchscript or onnx."
+    )

@@ -1,0 +1,144 @@
+"""Writing to the model registry: runs, and versions that become servable only when complete.
+
+A version counts as *servable* once its last registration step has run: the ``aiaas.ready`` tag
+is written after the artifacts, the signature and every lineage tag (see :mod:`aiaas.registry`).
+Apart from the registry's read side because it needs torch; the CLI reads the registry without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiaas import registry
+from aiaas.registry import LINEAGE_PREFIX, READY_TAG, tracking_uri
+
+if TYPE_CHECKING:
+    import numpy as np
+    from torch import nn
+
+
+@dataclass
+class Registered:
+    """A registered model version."""
+
+    name: str
+    version: str
+    run_id: str
+
+
+def log_run(
+    experiment: str,
+    run_name: str,
+    params: dict[str, Any],
+    history: list[dict[str, float]],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> str:
+    """Log a run (params, per-epoch history, final metrics, lineage tags).
+
+    Returns:
+        The MLflow run id.
+    """
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run(run_name=run_name) as run:
+        mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
+        for row in history:
+            step = int(row.get("epoch", 0))
+            mlflow.log_metrics(
+                {k: float(v) for k, v in row.items() if k != "epoch" and _number(v)}, step=step
+            )
+        mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
+        mlflow.set_tags({f"{LINEAGE_PREFIX}{key}": value for key, value in tags.items()})
+        return str(run.info.run_id)
+
+
+def register_torch_model(
+    run_id: str,
+    model_name: str,
+    model: nn.Module,
+    example: np.ndarray,
+    tags: dict[str, str],
+    model_format: str = "torch",
+) -> Registered:
+    """Log a torch model (eager, quantized or scripted) with its signature and register it."""
+    import mlflow
+    import torch
+
+    signature = _signature(example, model)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pytorch.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=example[:2],
+            # Naming the requirements skips MLflow's slow import-tracing inference.
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            registered_model_name=model_name,
+            await_registration_for=60,
+            # Pickle (or TorchScript for scripted modules), not MLflow's default torch.export
+            # program: that one is specialised to the example's batch size and cannot be
+            # converted again by the optimize stage.
+            serialization_format="pickle",
+        )
+    return _finish(model_name, str(info.registered_model_version), run_id, tags, model_format)
+
+
+def register_onnx_model(
+    run_id: str,
+    model_name: str,
+    onnx_path: str,
+    reference: nn.Module,
+    example: np.ndarray,
+    tags: dict[str, str],
+) -> Registered:
+    """Log an ONNX file (mlflow.onnx flavour) with its source model's signature; register it."""
+    import mlflow
+    import onnx
+
+    signature = _signature(example, reference)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.onnx.log_model(
+            onnx.load(onnx_path),
+            name="model",
+            signature=signature,
+            input_example=example[:2],
+            pip_requirements=["onnxruntime"],
+            registered_model_name=model_name,
+            await_registration_for=60,
+            save_as_external_data=False,
+        )
+    return _finish(model_name, str(info.registered_model_version), run_id, tags, "onnx")
+
+
+def _signature(example: np.ndarray, model: Any) -> Any:
+    import torch
+    from mlflow.models import infer_signature
+
+    registry.client()  # points MLflow's fluent API (start_run, log_model) at the registry
+    model.eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    return infer_signature(example, output)
+
+
+def _finish(
+    model_name: str, version: str, run_id: str, tags: dict[str, str], model_format: str
+) -> Registered:
+    mlflow_client = registry.client()
+    for key, value in {**tags, "format": model_format}.items():
+        mlflow_client.set_model_version_tag(model_name, version, f"{LINEAGE_PREFIX}{key}", value)
+    # Last: from here on the version counts as servable.
+    mlflow_client.set_model_version_tag(model_name, version, READY_TAG, "true")
+    return Registered(name=model_name, version=version, run_id=run_id)
+
+
+def _number(value: Any) -> bool:
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,375 @@
+"""Serve applications as the aiaas CLI drives them: deploy, status, switch versions, delete.
+
+Everything goes through Serve's declarative REST API on the dashboard
+(``PUT /api/serve/applications/`` with a whole config), the same path ``serve deploy`` takes, so an
+app deployed either way is managed either way. Model-server apps get their versions pinned in the
+deployment's ``user_config``: a pin change is applied in place by the replicas' ``reconfigure``
+(old version answers until the new one is loaded), so promote and rollback need no restart.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from aiaas import aliases, errors, registry
+from aiaas.config import loader
+from aiaas.config.cluster import ClusterConfig
+from aiaas.dashboard import Dashboard
+
+MODEL_SERVER = "serve_apps.model_server:build_app"
+DEPLOYMENT = "ModelServer"
+HEALTHY = "RUNNING"
+BROKEN = ("DEPLOY_FAILED", "UNHEALTHY")
+
+
+@dataclass
+class AppStatus:
+    """One Serve application as ``aiaas serve status`` shows it."""
+
+    name: str
+    status: str
+    route_prefix: str
+    message: str
+    replicas: dict[str, int]
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """A Serve config file, checked with Serve's schema and each app's ``Args``."""
+    loader.check(path)
+    data, _ = loader.read_mapping(path)
+    return data
+
+
+def deploy(
+    cluster: ClusterConfig, path: Path, timeout_s: float = 300, dry_run: bool = False
+) -> list[str]:
+    """Deploy the apps of a Serve config file beside the apps already running; wait until ready.
+
+    Model references are resolved in the registry first and pinned. When an app fails to
+    become healthy, the apps' previous configs are put back, so the last good versions keep
+    serving.
+
+    Returns:
+        The names of the apps deployed.
+
+    Raises:
+        ConfigError: Bad file or unknown model/version/alias. DeployError: an app failed.
+    """
+    data = read_config(path)
+    uri = cluster.mlflow_url()
+    apps = [copy.deepcopy(app) for app in data.get("applications") or []]
+    for app in apps:
+        if app.get("import_path") == MODEL_SERVER:
+            pins = {}
+            for entry in (app.get("args") or {}).get("models", []):
+                try:
+                    version = registry.resolve(registry.parse_ref(entry["model"]), uri)
+                except errors.ConfigError as exc:
+                    raise errors.ConfigError(
+                        f"{path}: app '{app['name']}', model '{entry['name']}': {exc.message}",
+                        exc.hint,
+                    ) from None
+                pins[entry["name"]] = version.version
+            _set_pins(app, pins)
+    if dry_run:
+        return [str(app["name"]) for app in apps]
+    with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+        details = _details(dashboard)
+        previous = _deployed_apps(details)
+        merged = {**previous, **{str(app["name"]): app for app in apps}}
+        base = {key: value for key, value in data.items() if key != "applications"}
+        if details.get("applications"):
+            # Serve keeps its first HTTP options; send those, not a file's differing ones.
+            base["http_options"] = details.get("http_options") or base.get("http_options")
+            base["proxy_location"] = details.get("proxy_location") or base.get("proxy_location")
+        config = {**base, "applications": list(merged.values())}
+        dashboard.put_serve(config)
+        names = [str(app["name"]) for app in apps]
+        try:
+            _wait(dashboard, names, timeout_s)
+        except errors.DeployError:
+            restored = {**base, "applications": list(previous.values())}
+            dashboard.put_serve(restored)
+            raise
+    return names
+
+
+def _set_pins(app: dict[str, Any], pins: dict[str, str]) -> None:
+    deployments = app.setdefault("deployments", [])
+    mine = [d for d in deployments if d.get("name") == DEPLOYMENT]
+    if not mine:
+        deployments.append({"name": DEPLOYMENT})
+        mine = deployments[-1:]
+    user_config = dict(mine[0].get("user_config") or {})
+    user_config["versions"] = {**user_config.get("versions", {}), **pins}
+    mine[0]["user_config"] = user_config
+
+
+def _pins(app: dict[str, Any]) -> dict[str, str]:
+    for deployment in app.get("deployments") or []:
+        if deployment.get("name") == DEPLOYMENT:
+            return dict((deployment.get("user_config") or {}).get("versions", {}))
+    return {}
+
+
+def _details(dashboard: Dashboard) -> dict[str, Any]:
+    try:
+        return dashboard.serve_details()
+    except errors.ClusterError:
+        if not dashboard.reachable():
+            raise
+        return {}  # the dashboard answers but Serve has not started yet
+
+
+def _deployed_apps(details: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: copy.deepcopy(app["deployed_app_config"])
+        for name, app in (details.get("applications") or {}).items()
+        if app.get("deployed_app_config")
+    }
+
+
+def _wait(dashboard: Dashboard, names: list[str], timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    # Serve may still report the old state for a moment after the PUT.
+    time.sleep(1.0)
+    while True:
+        apps = (_details(dashboard).get("applications")) or {}
+        states = {name: apps.get(name, {}) for name in names}
+        broken = {n: a for n, a in states.items() if a.get("status") in BROKEN}
+        if broken:
+            name, app = next(iter(broken.items()))
+            raise errors.DeployError(
+                f"Serve app '{name}' is {app['status']}: {_app_message(app)}",
+                "The previous config was put back; fix the cause and deploy again.",
+            )
+        if all(a.get("status") == HEALTHY and _deployments_healthy(a) for a in states.values()):
+            return
+        if time.monotonic() > deadline:
+            waiting = {n: a.get("status", "absent") for n, a in states.items()}
+            raise errors.DeployError(
+                f"Serve apps not ready after {timeout_s:.0f}s: {waiting}",
+                "See 'aiaas serve status' and the Serve logs in the Ray dashboard.",
+            )
+        time.sleep(0.5)
+
+
+def _deployments_healthy(app: dict[str, Any]) -> bool:
+    return all(d.get("status") == "HEALTHY" for d in (app.get("deployments") or {}).values())
+
+
+def _app_message(app: dict[str, Any]) -> str:
+    messages = [app.get("message") or ""] + [
+        d.get("message") or "" for d in (app.get("deployments") or {}).values()
+    ]
+    text = " ".join(m.strip() for m in messages if m.strip())
+    return text[-1500:] or "(no message)"
+
+
+def serve_url(details: dict[str, Any]) -> str:
+    """The HTTP address Serve's proxy listens on."""
+    options = details.get("http_options") or {}
+    return f"http://{options.get('host') or '127.0.0.1'}:{options.get('port') or 8000}"
+
+
+def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:
+    """Serve's URL and every app with its replicas and, for model servers, what each model
+    serves (asked of the app itself, so a failed switch shows)."""
+    with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+        details = _details(dashboard)
+    url = serve_url(details)
+    result = []
+    for name, app in (details.get("applications") or {}).items():
+        replicas: dict[str, int] = {}
+        for deployment in (app.get("deployments") or {}).values():
+            for replica in deployment.get("replicas") or []:
+                replicas[replica["state"]] = replicas.get(replica["state"], 0) + 1
+        row = AppStatus(
+            name=name,
+            status=str(app.get("status")),
+            route_prefix=str(app.get("route_prefix") or ""),
+            message=_app_message(app) if app.get("status") != HEALTHY else "",
+            replicas=replicas,
+        )
+        config = app.get("deployed_app_config") or {}
+        if config.get("import_path") == MODEL_SERVER:
+            row.models = _model_states(url, row.route_prefix, config)
+        result.append(row)
+    return url, result
+
+
+def _model_states(url: str, prefix: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+    pins = _pins(config)
+    states = []
+    for entry in (config.get("args") or {}).get("models", []):
+        state: dict[str, Any] = {
+            "name": entry["name"],
+            "model": entry["model"],
+            "pinned": pins.get(entry["name"]),
+            "url": f"{url}{prefix.rstrip('/')}/{entry['name']}:predict",
+        }
+        try:
+            answer = httpx.get(f"{url}{prefix.rstrip('/')}/{entry['name']}", timeout=5)
+            state.update(answer.json())
+        except (httpx.HTTPError, ValueError) as exc:
+            state["error"] = f"not answering: {exc}"
+        states.append(state)
+    return states
+
+
+def delete(cluster: ClusterConfig, name: str) -> None:
+    """Delete one app, keeping the others.
+
+    Raises:
+        ConfigError: No app of that name.
+    """
+    with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+        details = _details(dashboard)
+        apps = _deployed_apps(details)
+        if name not in apps:
+            raise _unknown_app(name, list(apps))
+        del apps[name]
+        config = {
+            "http_options": details.get("http_options"),
+            "proxy_location": details.get("proxy_location"),
+            "applications": list(apps.values()),
+        }
+        dashboard.put_serve(config)
+
+
+def _unknown_app(name: str, names: list[str]) -> errors.ConfigError:
+    return errors.ConfigError(
+        f"no Serve app '{name}'" + (f" (apps: {', '.join(names)})" if names else " is running"),
+        "See them with: aiaas serve status",
+    )
+
+
+def follow_alias(
+    cluster: ClusterConfig, name: str, alias: str, version: str, timeout_s: float = 300
+) -> list[str]:
+    """Switch every model-server app that serves ``name@alias`` to ``version``, in place.
+
+    When a replica cannot load the version, the apps go back to what they served and the alias
+    moves back too, so registry and serving agree; the error says why.
+
+    Returns:
+        The apps switched (empty when none serves that alias or Serve is not running).
+    """
+    reference = f"{name}@{alias}"
+    with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+        try:
+            details = _details(dashboard)
+        except errors.ClusterError:
+            return []
+        apps = _deployed_apps(details)
+        previous = copy.deepcopy(apps)
+        changed: dict[str, list[str]] = {}
+        for app_name, app in apps.items():
+            if app.get("import_path") != MODEL_SERVER:
+                continue
+            routes = [
+                e["name"]
+                for e in (app.get("args") or {}).get("models", [])
+                if e["model"] == reference
+            ]
+            if routes:
+                _set_pins(app, {route: version for route in routes})
+                changed[app_name] = routes
+        if not changed:
+            return []
+        base = {
+            "http_options": details.get("http_options"),
+            "proxy_location": details.get("proxy_location"),
+        }
+        dashboard.put_serve({**base, "applications": list(apps.values())})
+        url = serve_url(details)
+        try:
+            _wait(dashboard, list(changed), timeout_s)
+            _confirm(url, apps, changed, version)
+        except errors.DeployError as exc:
+            dashboard.put_serve({**base, "applications": list(previous.values())})
+            if aliases.holder(name, alias, cluster.mlflow_url()) == version:
+                aliases.rollback(name, alias, cluster.mlflow_url())
+            raise errors.DeployError(
+                f"{exc.message}; the apps went back to the versions they served and "
+                f"{reference} was rolled back",
+                exc.hint,
+            ) from None
+    return list(changed)
+
+
+def _confirm(url: str, apps: dict[str, Any], changed: dict[str, list[str]], version: str) -> None:
+    """Every replica reached must serve the version (reconfigure keeps the old on failure)."""
+    for app_name, routes in changed.items():
+        prefix = str(apps[app_name].get("route_prefix") or "/").rstrip("/")
+        for route in routes:
+            for _ in range(8):  # several asks reach several replicas
+                answer = httpx.get(f"{url}{prefix}/{route}", timeout=10).json()
+                failed = answer.get("failed_version")
+                if failed:
+                    raise errors.DeployError(
+                        f"app '{app_name}' could not load {route} version {version}: "
+                        f"{failed.get('error')}",
+                        "Fix or re-register the version; the previous one kept serving.",
+                    )
+
+
+def rollback(cluster: ClusterConfig, app_name: str) -> list[str]:
+    """Switch an app back to the versions it served before: every alias it follows moves back.
+
+    Returns:
+        Lines saying what moved.
+
+    Raises:
+        ConfigError: Unknown app, an app that pins versions, or nothing to roll back to.
+    """
+    with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+        apps = _deployed_apps(_details(dashboard))
+    if app_name not in apps:
+        raise _unknown_app(app_name, list(apps))
+    app = apps[app_name]
+    if app.get("import_path") != MODEL_SERVER:
+        raise errors.ConfigError(
+            f"Serve app '{app_name}' is not a model server; roll it back with its own config"
+        )
+    lines = []
+    for entry in (app.get("args") or {}).get("models", []):
+        ref = registry.parse_ref(entry["model"])
+        if not ref.alias:
+            raise errors.ConfigError(
+                f"app '{app_name}' pins {entry['model']} for '{entry['name']}', so there is "
+                "no earlier version to go back to",
+                "Serve NAME@ALIAS to get rollbacks, or deploy the version you want.",
+            )
+        move = aliases.rollback(ref.name, ref.alias, cluster.mlflow_url())
+        follow_alias(cluster, ref.name, ref.alias, move.to_version)
+        lines.append(f"{ref}: {move.from_version} → {move.to_version}")
+    return lines
+
+
+def apps_serving(cluster: ClusterConfig, name: str, version: str) -> list[str]:
+    """The apps (and model routes) whose pins say they serve ``name:version``."""
+    try:
+        with Dashboard(cluster.dashboard_url(), cluster.auth_mode, timeout_s=3) as dashboard:
+            apps = _deployed_apps(_details(dashboard))
+    except errors.ClusterError:
+        return []
+    found = []
+    for app_name, app in apps.items():
+        if app.get("import_path") != MODEL_SERVER:
+            continue
+        pins = _pins(app)
+        for entry in (app.get("args") or {}).get("models", []):
+            if (
+                registry.parse_ref(entry["model"]).name == name
+                and pins.get(entry["name"]) == version
+            ):
+                found.append(f"{app_name}/{entry['name']}")
+    return found

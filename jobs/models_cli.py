@@ -1,0 +1,301 @@
+"""``aiaas models list | show | promote | rollback | optimize`` — the registry's lifecycle."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from aiaas.cli import console, target
+
+SHOWN_METRICS = ("test_accuracy", "test_loss")
+
+
+@click.group("models")
+def models() -> None:
+    """Registered models: versions, aliases and their history, lineage, optimization."""
+
+
+@models.command("list")
+@click.argument("name", required=False)
+@target.cluster_option
+@console.user_errors
+def list_models(name: str | None, cluster_path: Path) -> None:
+    """Every version of every registered model (or of NAME), oldest first."""
+    from aiaas import registry
+
+    uri = target.registry_uri(target.load_cluster(cluster_path))
+    names = [name] if name else registry.model_names(uri)
+    if name:
+        registry.resolve(registry.ModelRef(name), uri)  # an unknown name gets did-you-mean
+    if not names:
+        click.echo(f"No registered models in {uri} yet.")
+        console.next_steps(["aiaas train configs/train/digits_mlp.yaml --follow"])
+        return
+    click.echo(
+        f"{'MODEL':<22} {'VER':>4} {'ALIASES':<18} {'FORMAT':<13} {'ACCURACY':>8} "
+        f"{'CREATED':<19} {'STATE':<10} SOURCE JOB"
+    )
+    for model_name in names:
+        for version in registry.with_runs(registry.versions(model_name, uri), uri):
+            accuracy = version.metrics.get("test_accuracy")
+            click.echo(
+                f"{model_name:<22} {version.version:>4} {','.join(version.aliases) or '-':<18} "
+                f"{version.format:<13} {f'{accuracy:.4f}' if accuracy is not None else '-':>8} "
+                f"{version.created_text:<19} {'ready' if version.ready else 'incomplete':<10} "
+                f"{version.lineage.get('job_id', '-')}"
+            )
+    click.echo(f"\nRegistry: {uri}")
+
+
+@models.command()
+@click.argument("reference", metavar="NAME[:VERSION|@ALIAS]")
+@target.cluster_option
+@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@console.user_errors
+def show(reference: str, cluster_path: Path, as_json: bool) -> None:
+    """Metrics, params, signature, lineage, alias history and serving apps of one version."""
+    from aiaas import aliases, registry, serving
+
+    cluster = target.load_cluster(cluster_path)
+    uri = target.registry_uri(cluster)
+    version = registry.resolve(registry.parse_ref(reference), uri, with_run=True)
+    details: dict[str, Any] = {
+        "model": version.name,
+        "version": version.version,
+        "aliases": version.aliases,
+        "format": version.format,
+        "created": version.created_text,
+        "metrics": version.metrics,
+        "params": version.params,
+        "signature": _signature(version),
+        "lineage": _lineage_chain(version, uri),
+        "alias_history": [
+            {
+                "alias": move.alias,
+                "action": move.action,
+                "from": move.from_version,
+                "to": move.to_version,
+                "who": move.who,
+                "at": move.at_text,
+            }
+            for move in aliases.history(version.name, uri=uri)
+        ],
+        "served_by": serving.apps_serving(cluster, version.name, version.version),
+        "uri": version.uri,
+    }
+    if as_json:
+        click.echo(json.dumps(details, indent=2, default=str))
+        return
+    click.echo(
+        f"{version.name}:{version.version}  ({version.format}, created {version.created_text})"
+    )
+    click.echo(f"  aliases:   {', '.join(version.aliases) or '-'}")
+    click.echo(f"  served by: {', '.join(details['served_by']) or '-'}")
+    click.echo("  metrics:   " + _metrics_text(version.metrics))
+    click.echo(f"  signature: {details['signature']}")
+    click.echo("  lineage:")
+    for index, step in enumerate(details["lineage"]):
+        indent = "    " + "  " * index
+        click.echo(f"{indent}{step['model']}:{step['version']} ({step['format']})")
+        for key, value in step["tags"].items():
+            click.echo(f"{indent}  {key}: {value}")
+    if details["alias_history"]:
+        click.echo("  alias moves:")
+        for move in details["alias_history"]:
+            click.echo(
+                f"    {move['at']}  {move['alias']}: {move['from'] or '-'} → {move['to']} "
+                f"({move['action']} by {move['who']})"
+            )
+
+
+@models.command()
+@click.argument("name")
+@click.argument("version")
+@click.option("--alias", default="production", show_default=True, help="The alias to move.")
+@target.cluster_option
+@click.option("--dry-run", is_flag=True, help="Check and say what would move; change nothing.")
+@console.user_errors
+def promote(name: str, version: str, alias: str, cluster_path: Path, dry_run: bool) -> None:
+    """Point ALIAS at VERSION; Serve apps that serve NAME@ALIAS switch to it without downtime."""
+    from aiaas import aliases, registry
+
+    cluster = target.load_cluster(cluster_path)
+    uri = target.registry_uri(cluster)
+    registry.resolve(registry.ModelRef(name, version=version), uri)
+    if dry_run:
+        click.echo(
+            f"{name}:{version} is complete; would move {alias} from "
+            f"{aliases.holder(name, alias, uri) or '(unset)'} to {version}"
+        )
+        return
+    move = aliases.promote(name, version, alias, uri)
+    click.echo(f"{name}@{alias}: {move.from_version or '(unset)'} → {move.to_version}")
+    _switch_serving(cluster, name, alias, move.to_version)
+
+
+@models.command()
+@click.argument("name")
+@click.option("--alias", default="production", show_default=True, help="The alias to move back.")
+@target.cluster_option
+@console.user_errors
+def rollback(name: str, alias: str, cluster_path: Path) -> None:
+    """Move ALIAS back to the version it held before its latest promotion."""
+    from aiaas import aliases
+
+    cluster = target.load_cluster(cluster_path)
+    uri = target.registry_uri(cluster)
+    move = aliases.rollback(name, alias, uri)
+    click.echo(f"{name}@{alias}: {move.from_version} → {move.to_version} (rolled back)")
+    _switch_serving(cluster, name, alias, move.to_version)
+
+
+@models.command()
+@click.argument("reference", metavar="NAME:VERSION|NAME@ALIAS")
+@click.option(
+    "--method",
+    type=click.Choice(["dynamic-int8", "torchscript", "onnx"]),
+    required=True,
+    help="How to optimize.",
+)
+@click.option(
+    "--max-accuracy-drop", type=float, default=0.5, show_default=True, help="Gate, in points."
+)
+@click.option("--max-latency-ratio", type=float, help="Gate on p50 latency vs the parent.")
+@click.option("--register-as", help="Register under this model name (default: the parent's).")
+@target.cluster_option
+@click.option("--follow", is_flag=True, help="Wait for the job and print its report.")
+@click.option("--dry-run", is_flag=True, help="Run every check; submit nothing.")
+@console.user_errors
+def optimize(
+    reference: str,
+    method: str,
+    max_accuracy_drop: float,
+    max_latency_ratio: float | None,
+    register_as: str | None,
+    cluster_path: Path,
+    follow: bool,
+    dry_run: bool,
+) -> None:
+    """Submit an optimize job (python -m jobs.optimize CONFIG) for one registered version."""
+    import yaml
+
+    from aiaas import registry
+    from aiaas.config.optimize import OptimizeConfig
+    from aiaas.storage import Storage
+    from jobs import submit
+
+    cluster = target.load_cluster(cluster_path)
+    uri = target.registry_uri(cluster)
+    data: dict[str, Any] = {
+        "kind": "optimize",
+        "model": reference,
+        "method": method,
+        "gate": {"max_accuracy_drop": max_accuracy_drop, "max_latency_ratio": max_latency_ratio},
+    }
+    if register_as:
+        data["register_as"] = register_as
+    registry.parse_ref(reference, needs_version=True)  # the user's words, the user's error
+    parent = registry.resolve(registry.parse_ref(reference), uri)
+    if parent.format != "torch":
+        # The job would say the same after start-up; say it now.
+        console.fail(
+            f"{method} converts an eager PyTorch model, but {parent.name}:{parent.version} is "
+            f"'{parent.format}'\nOptimize the version it was made from: "
+            f"{parent.lineage.get('parent', 'see aiaas models show')}"
+        )
+    config = OptimizeConfig.model_validate(data)
+    storage = Storage(cluster.storage_root)
+    # Written where the job can read it; `submit` stages it with the job's files.
+    storage.write_text(f"optimize/{config.name}.yaml", yaml.safe_dump(data, sort_keys=False))
+    config_path = Path(storage.path("optimize", f"{config.name}.yaml"))
+    if dry_run:
+        click.echo(
+            f"{parent.name}:{parent.version}: checks passed; would submit "
+            f"python -m jobs.optimize {config_path}"
+        )
+        return
+    record = submit.submit("optimize", config_path, config, cluster)
+    click.echo(f"Submitted {record.submission_id} to {record.address}")
+    if not follow:
+        console.next_steps([f"aiaas jobs status {record.submission_id}"])
+        return
+    final = submit.wait(cluster, record.submission_id)
+    _print_report(final.result or {})
+    if final.status != "SUCCEEDED":
+        reason = (final.result or {}).get("error") or final.message or "see aiaas jobs logs"
+        console.fail(f"job {final.submission_id} {final.status}: {reason}")
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    if "parent" not in report:
+        return
+    parent, child = report["parent"], report["optimized"]
+    click.echo(f"  {'':<13} {'accuracy':>9} {'p50 1-row ms':>13} {'p99 1-row ms':>13} rows/s@batch")
+    for label, row in (("parent", parent), (report["method"], child)):
+        click.echo(
+            f"  {label:<13} {row['accuracy']:>9.4f} {row['p50_single_ms']:>13.3f} "
+            f"{row['p99_single_ms']:>13.3f} {row['batched_rows_per_s']:>.0f}"
+        )
+    click.echo(
+        f"  accuracy {report['accuracy_delta_points']:+.2f} points, latency "
+        f"{report['latency_ratio_single']:.2f}x, batched throughput "
+        f"{report['throughput_ratio_batched']:.2f}x, gate {report.get('gate', '?')}"
+    )
+    if "registered" in report:
+        registered = report["registered"]
+        click.echo(f"  registered {registered['model']}:{registered['version']}")
+
+
+def _switch_serving(cluster: Any, name: str, alias: str, version: str) -> None:
+    from aiaas import serving
+
+    switched = serving.follow_alias(cluster, name, alias, version)
+    for app in switched:
+        click.echo(f"Serve app '{app}' now serves {name}:{version} (every replica switched in place)")
+    if not switched:
+        click.echo(f"No Serve app serves {name}@{alias}.")
+
+
+def _signature(version: Any) -> str:
+    try:
+        from mlflow.models import get_model_info
+
+        signature = get_model_info(version.uri).signature
+    except Exception:  # an incomplete or foreign artifact: show what is known
+        return "(unknown)"
+    if signature is None:
+        return "(none)"
+    inputs = signature.inputs.to_dict() if signature.inputs else []
+    outputs = signature.outputs.to_dict() if signature.outputs else []
+    return f"inputs {json.dumps(inputs)} → outputs {json.dumps(outputs)}"
+
+
+def _lineage_chain(version: Any, uri: str) -> list[dict[str, Any]]:
+    """The version's lineage tags, then its parent's, back to the trained original."""
+    from aiaas import registry
+
+    chain = []
+    seen = set()
+    current = version
+    while current is not None and current.version not in seen:
+        seen.add(current.version)
+        tags = {k: v for k, v in current.lineage.items() if k not in ("ready", "format")}
+        chain.append(
+            {
+                "model": current.name,
+                "version": current.version,
+                "format": current.format,
+                "tags": tags,
+            }
+        )
+        parent = tags.get("parent")
+        current = registry.resolve(registry.parse_ref(parent), uri) if parent else None
+    return chain
+
+
+def _metrics_text(metrics: dict[str, float]) -> str:
+    keys = [key for key in metrics if key.startswith("test_") or key.endswith("_ratio_single")]
+    return ", ".join(f"{key} {metrics[key]:.4g}" for key in sorted(keys)) or "-"

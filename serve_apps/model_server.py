@@ -1,0 +1,338 @@
+"""The model server: registered versions behind the KServe / TF-Serving V1 API on Ray Serve.
+
+``import_path: serve_apps.model_server:build_app`` with ``route_prefix: /v1/models``:
+
+- ``POST /v1/models/{name}:predict`` with ``{"instances": [...]}`` →
+  ``{"predictions": [...], "model": name, "version": "N"}``
+- ``GET /v1/models/{name}`` → readiness and the version being served (and a failed switch)
+- ``GET /v1/models`` → every model this app serves
+
+Each replica loads its versions once; ``user_config: {versions: {name: N}}`` pins versions and a
+change is applied in place by ``reconfigure``: the new version loads beside the old one, which
+keeps answering until the swap, so promote and rollback drop no request. A version that fails to
+load never takes traffic; the error is reported on ``GET /v1/models/{name}``.
+"""
+
+# No `from __future__ import annotations`: Serve reads build_app's annotation to build Args.
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import metrics
+
+from aiaas import api_keys, artifacts, registry
+from aiaas.storage import Storage
+
+logger = logging.getLogger("ray.serve")
+
+
+class ServedModel(BaseModel):
+    """One model of the app: the name clients use and the registered version behind it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="name in the URL, e.g. 'digits'"
+    )
+    model: str = Field(description="NAME@ALIAS (follows promotions) or NAME:VERSION (pinned)")
+
+
+class Args(BaseModel):
+    """The app's arguments (the ``args:`` of its entry in a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[ServedModel] = Field(min_length=1, description="the models served")
+    max_batch_size: int = Field(32, ge=1, le=1024, description="rows of requests per batch")
+    batch_wait_timeout_s: float = Field(
+        0.002, ge=0, le=1, description="longest wait for a batch to fill"
+    )
+    max_instances: int = Field(1024, ge=1, description="instances per request (more: 413)")
+    max_payload_bytes: int = Field(1_048_576, ge=1024, description="request body limit (413)")
+    max_pending: int = Field(
+        256, ge=1, description="requests waiting in one replica before it answers 503"
+    )
+    request_timeout_s: float = Field(10.0, gt=0, description="per-request limit (504)")
+    api_keys_file: str | None = Field(
+        None,
+        description="key file under the storage root (aiaas serve keys create); when set, "
+        "every predict call needs 'Authorization: Bearer <key>'",
+    )
+    threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
+
+
+class ApiError(Exception):
+    """An error answered as ``{"error": {"code", "message"}}`` with its HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
+    )
+
+
+app = FastAPI(title="aiaas model server", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> Any:
+    return _error(exc.status, exc.code, exc.message)
+
+
+@app.exception_handler(api_keys.Denied)
+async def _denied(request: Request, exc: api_keys.Denied) -> Any:
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"}
+    return _error(exc.status, exc.code, exc.message, headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> Any:
+    return _error(422, "invalid_request", str(exc.errors()[:3]))
+
+
+@dataclass
+class Loaded:
+    """A version loaded in this replica."""
+
+    version: str
+    predictor: artifacts.Predictor
+    features: int
+    loaded_at: float
+
+
+@serve.deployment(name="ModelServer", max_ongoing_requests=64)
+@serve.ingress(app)
+class ModelServer:
+    """Serves every model of :class:`Args` from one replica, with batching across requests."""
+
+    def __init__(self, args: Args) -> None:
+        self.args = args
+        self.entries = {entry.name: registry.parse_ref(entry.model) for entry in args.models}
+        self.models: dict[str, Loaded] = {}
+        self.failed: dict[str, dict[str, str]] = {}
+        self.pending = 0
+        for name, ref in self.entries.items():
+            self.models[name] = self._load(registry.resolve(ref))
+        self.keys = (
+            api_keys.KeyRing(Storage(_storage_root()), args.api_keys_file)
+            if args.api_keys_file
+            else None
+        )
+        batcher: Any = self.predict_batch  # type: ignore[misc]
+        batcher.set_max_batch_size(args.max_batch_size)
+        batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.requests = metrics.Counter(
+            "aiaas_serve_requests",
+            description="Predict requests by model, version and HTTP status code.",
+            tag_keys=("model", "version", "code"),  # type: ignore[arg-type]
+        )
+        self.latency = metrics.Histogram(
+            "aiaas_serve_request_latency_ms",
+            description="Predict latency inside the replica, in milliseconds.",
+            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
+            tag_keys=("model", "version"),  # type: ignore[arg-type]
+        )
+        self.batch_sizes = metrics.Histogram(
+            "aiaas_serve_batch_size",
+            description="Requests per executed batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model",),
+        )
+        self.queue = metrics.Gauge(
+            "aiaas_serve_pending_requests",
+            description="Requests waiting or running in this replica.",
+            tag_keys=("model",),
+        )
+
+    def _load(self, version: registry.Version) -> Loaded:
+        predictor = artifacts.load(version, threads=self.args.threads)
+        features = math.prod(predictor.input_shape) if predictor.input_shape else 0
+        # Run once so the first request does not pay for lazy initialisation.
+        if features:
+            predictor.predict(np.zeros((1, features), dtype=np.float32))
+        return Loaded(version.version, predictor, features, time.time())
+
+    def _load_ref(self, ref: registry.ModelRef) -> Loaded:
+        return self._load(registry.resolve(ref))
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Switch to the pinned versions: load beside the old one, then swap."""
+        pins = {str(k): str(v) for k, v in (user_config or {}).get("versions", {}).items()}
+        for name, version in pins.items():
+            if name not in self.entries:
+                continue
+            current = self.models.get(name)
+            if current is not None and current.version == version:
+                self.failed.pop(name, None)
+                continue
+            ref = registry.ModelRef(self.entries[name].name, version=version)
+            try:
+                loaded = await asyncio.to_thread(self._load_ref, ref)
+            except Exception as exc:  # any load failure: keep serving what works
+                self.failed[name] = {"version": version, "error": str(exc)[:500]}
+                logger.error("model %s version %s failed to load: %s", name, version, exc)
+                if current is None:
+                    raise
+                continue
+            self.models[name] = loaded
+            self.failed.pop(name, None)
+            logger.info("model %s now serves version %s", name, version)
+
+    @app.get("/")
+    async def list_models(self) -> dict[str, Any]:
+        return {"models": [self._status(name) for name in self.entries]}
+
+    @app.get("/{name}")
+    async def model_status(self, name: str) -> dict[str, Any]:
+        self._model(name)
+        return self._status(name)
+
+    @app.post("/{name}:predict")
+    async def predict(self, name: str, request: Request) -> Any:
+        started = time.perf_counter()
+        loaded = self._model(name)
+        code = "200"
+        try:
+            if self.keys is not None:
+                self.keys.check(request.headers.get("authorization"))
+            rows = await self._instances(request, loaded)
+            if self.pending >= self.args.max_pending:
+                raise ApiError(503, "overloaded", "the model is overloaded; retry shortly")
+            self.pending += 1
+            self.queue.set(self.pending, tags={"model": name})
+            try:
+                batcher: Any = self.predict_batch  # type: ignore[misc]
+                predictions, version = await asyncio.wait_for(
+                    batcher(name, rows), timeout=self.args.request_timeout_s
+                )
+            except TimeoutError:
+                raise ApiError(
+                    504, "timeout", f"no answer within {self.args.request_timeout_s:g}s"
+                ) from None
+            finally:
+                self.pending -= 1
+            return {"predictions": predictions, "model": name, "version": version}
+        except (ApiError, api_keys.Denied) as exc:
+            code = str(exc.status)
+            raise
+        finally:
+            tags = {"model": name, "version": loaded.version}
+            self.requests.inc(tags={**tags, "code": code})
+            self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # type: ignore[arg-type]
+    async def predict_batch(  # type: ignore[misc]
+        self, names: list[str], batches: list[np.ndarray]
+    ) -> list[tuple[list[int], str]]:
+        results: list[tuple[list[int], str]] = [([], "")] * len(names)
+        for name in set(names):
+            # Requests for one model run as one call; the version is read once so every
+            # answer of the batch names the version that produced it.
+            loaded = self.models[name]
+            members = [i for i, n in enumerate(names) if n == name]
+            stacked = np.concatenate([batches[i] for i in members])
+            classes = loaded.predictor.predict(stacked).argmax(axis=1).tolist()
+            self.batch_sizes.observe(len(members), tags={"model": name})
+            offset = 0
+            for i in members:
+                size = len(batches[i])
+                results[i] = (classes[offset : offset + size], loaded.version)
+                offset += size
+        return results
+
+    def _model(self, name: str) -> Loaded:
+        loaded = self.models.get(name)
+        if loaded is None:
+            raise ApiError(
+                404, "model_not_found", f"no model '{name}' here; served: {', '.join(self.entries)}"
+            )
+        return loaded
+
+    def _status(self, name: str) -> dict[str, Any]:
+        loaded = self.models.get(name)
+        status: dict[str, Any] = {
+            "name": name,
+            "model": str(self.entries[name]),
+            "ready": loaded is not None,
+            "version": loaded.version if loaded else None,
+            "format": loaded.predictor.format if loaded else None,
+            "input_shape": list(loaded.predictor.input_shape or ()) if loaded else None,
+        }
+        if name in self.failed:
+            status["failed_version"] = self.failed[name]
+        return status
+
+    async def _instances(self, request: Request, loaded: Loaded) -> np.ndarray:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.args.max_payload_bytes:
+            raise _too_large(int(declared), self.args.max_payload_bytes)
+        body = await request.body()
+        if len(body) > self.args.max_payload_bytes:
+            raise _too_large(len(body), self.args.max_payload_bytes)
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            raise ApiError(400, "invalid_json", "the body is not JSON") from None
+        instances = payload.get("instances") if isinstance(payload, dict) else None
+        if not isinstance(instances, list) or not instances:
+            raise ApiError(
+                400, "invalid_request", 'the body must be {"instances": [row, ...]} with rows'
+            )
+        if len(instances) > self.args.max_instances:
+            raise ApiError(
+                413,
+                "too_many_instances",
+                f"{len(instances)} instances; at most {self.args.max_instances} per request",
+            )
+        try:
+            rows = np.asarray(instances, dtype=np.float32)
+        except (ValueError, TypeError):
+            raise ApiError(
+                400, "invalid_instances", "instances must be rows of numbers of equal length"
+            ) from None
+        if rows.ndim < 2:
+            raise ApiError(422, "wrong_shape", "each instance must be a list of values (a row)")
+        rows = rows.reshape(len(rows), -1)
+        if loaded.features and rows.shape[1] != loaded.features:
+            shape = list(loaded.predictor.input_shape or ())
+            raise ApiError(
+                422,
+                "wrong_shape",
+                f"each instance must have {loaded.features} values (shape {shape}); "
+                f"got {rows.shape[1]}",
+            )
+        if not np.isfinite(rows).all():
+            raise ApiError(422, "not_finite", "instances contain NaN or infinite values")
+        return rows
+
+
+def _too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}")
+
+
+def _storage_root() -> str:
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    if not root:
+        raise RuntimeError("AIAAS_STORAGE_ROOT is not set: start the cluster with aiaas cluster up")
+    return root
+
+
+def build_app(args: Args) -> serve.Application:
+    """The Serve application for ``args`` (what ``import_path`` names)."""
+    return ModelServer.bind(args)  # type: ignore[attr-defined]
