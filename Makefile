@@ -7,13 +7,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 AIAAS := $(BIN)/aiaas
 CLUSTER ?= configs/cluster/local.yaml
+# Debian packages (wrk for `make bench`) install as root, or through sudo otherwise.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # No internet here, and a stray address or auth setting must not leak into our processes.
 export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS
 
-.PHONY: demo test lint bench down install clean
+.PHONY: demo predict test lint bench down install clean
+
+DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
+DEMO_CURL := curl -s -X POST http://127.0.0.1:8000/v1/models/digits:predict -H 'content-type: application/json' -d '{"instances": [$(DEMO_ROW)]}'
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,11 +35,24 @@ demo: $(STAMP)
 	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.node_report
 	$(AIAAS) data prepare configs/data/digits.yaml --cluster $(CLUSTER)
 	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
-	$(AIAAS) jobs list --cluster $(CLUSTER)
+	$(AIAAS) models promote digits-mlp latest --cluster $(CLUSTER)
+	$(AIAAS) serve deploy configs/serve/digits.yaml --cluster $(CLUSTER)
+	$(AIAAS) models list digits-mlp --cluster $(CLUSTER)
+	@echo
+	@echo "A real prediction (a handwritten 0 from the digits test set):"
+	$(DEMO_CURL)
+	@echo
 	@echo
 	@echo "Ray dashboard:   http://127.0.0.1:8265"
 	@echo "MLflow registry: http://127.0.0.1:5000"
+	@echo "Model endpoint:  http://127.0.0.1:8000/v1/models/digits (aiaas serve status)"
+	@echo "Metrics:         http://127.0.0.1:8090/metrics (head node; aiaas_serve_*, ray_*)"
+	@echo "Try it again:    make predict   (the curl line above)"
 	@echo "Stop everything: make down"
+
+predict:
+	$(DEMO_CURL)
+	@echo
 
 test: $(STAMP)
 	$(BIN)/lint-imports
@@ -49,6 +67,7 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 bench: $(STAMP)
+	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
 	$(BIN)/python -m bench
 
 down: $(STAMP)

@@ -7,7 +7,9 @@ version holds.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,9 +81,7 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
 
     torch.set_num_threads(threads)
     try:
-        local = mlflow.artifacts.download_artifacts(
-            artifact_uri=version.uri, tracking_uri=registry.tracking_uri()
-        )
+        local = _local_copy(version, mlflow)
         predictor: Predictor
         if version.format == "onnx":
             predictor = OnnxPredictor(str(Path(local) / "model.onnx"), threads)
@@ -98,6 +98,27 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
             f"{version.name}:{version.version} ({version.format}) cannot be loaded: {cause}",
             "Register the model again, or roll back to a version that loads.",
         ) from exc
+
+
+def _local_copy(version: registry.Version, mlflow: Any) -> str:
+    """The version's artifact on local disk, downloaded once per machine and version."""
+    root = os.environ.get("AIAAS_MODEL_CACHE") or f"{tempfile.gettempdir()}/aiaas-models"
+    # The run id makes the key unique across registries that reuse names and numbers.
+    key = hashlib.sha256(f"{version.run_id}|{version.source}".encode()).hexdigest()[:12]
+    cache = Path(root) / f"{version.name}-{version.version}-{key}"
+    if (cache / "MLmodel").exists():
+        return str(cache)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=".download-", dir=cache.parent)
+    mlflow.artifacts.download_artifacts(
+        artifact_uri=version.uri, tracking_uri=registry.tracking_uri(), dst_path=staging
+    )
+    try:
+        # Atomic: replicas loading the same version at once never read a half-written copy.
+        os.rename(staging, cache)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)  # another replica got there first
+    return str(cache)
 
 
 def _input_shape(local: str) -> tuple[int, ...] | None:

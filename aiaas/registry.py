@@ -138,9 +138,8 @@ def resolve(ref: ModelRef, uri: str | None = None, *, with_run: bool = False) ->
         ConfigError: Unknown model, version or alias (the message lists what exists), or a
             version whose registration never finished.
     """
-    found = versions(ref.name, uri) if ref.name in model_names(uri) else None
-    if found is None:
-        raise _unknown_model(ref.name, uri)
+    require_model(ref.name, uri)
+    found = versions(ref.name, uri)
     if ref.alias:
         held = [v for v in found if ref.alias in v.aliases]
         if not held:
@@ -176,6 +175,12 @@ def resolve(ref: ModelRef, uri: str | None = None, *, with_run: bool = False) ->
     if with_run:
         _add_run(chosen, uri)
     return chosen
+
+
+def require_model(name: str, uri: str | None = None) -> None:
+    """Raises ConfigError (listing the models, with did-you-mean) when no model has that name."""
+    if name not in model_names(uri):
+        raise _unknown_model(name, uri)
 
 
 def with_runs(found: list[Version], uri: str | None = None) -> list[Version]:

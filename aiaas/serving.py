@@ -10,6 +10,7 @@ deployment's ``user_config``: a pin change is applied in place by the replicas' 
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from aiaas import aliases, errors, registry
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.dashboard import Dashboard
+from aiaas.storage import Storage
 
 MODEL_SERVER = "serve_apps.model_server:build_app"
 DEPLOYMENT = "ModelServer"
@@ -38,6 +40,7 @@ class AppStatus:
     message: str
     replicas: dict[str, int]
     models: list[dict[str, Any]] = field(default_factory=list)
+    last_failure: dict[str, Any] | None = None
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -201,6 +204,8 @@ def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:
         config = app.get("deployed_app_config") or {}
         if config.get("import_path") == MODEL_SERVER:
             row.models = _model_states(url, row.route_prefix, config)
+        failure = Storage(cluster.storage_root).read_text(_failure_path(name))
+        row.last_failure = json.loads(failure) if failure else None
         result.append(row)
     return url, result
 
@@ -295,6 +300,11 @@ def follow_alias(
             _confirm(url, apps, changed, version)
         except errors.DeployError as exc:
             dashboard.put_serve({**base, "applications": list(previous.values())})
+            for app_name in changed:
+                record = {"at": time.time(), "model": f"{name}:{version}", "error": exc.message}
+                Storage(cluster.storage_root).write_text(
+                    _failure_path(app_name), json.dumps(record)
+                )
             if aliases.holder(name, alias, cluster.mlflow_url()) == version:
                 aliases.rollback(name, alias, cluster.mlflow_url())
             raise errors.DeployError(
@@ -303,6 +313,10 @@ def follow_alias(
                 exc.hint,
             ) from None
     return list(changed)
+
+
+def _failure_path(app_name: str) -> str:
+    return f"serve/apps/{app_name}/last_failed_switch.json"
 
 
 def _confirm(url: str, apps: dict[str, Any], changed: dict[str, list[str]], version: str) -> None:

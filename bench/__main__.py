@@ -7,11 +7,14 @@ import sys
 
 from bench import report
 
-BENCHMARKS = ["bench.cluster_startup"]
+BENCHMARKS = ["bench.cluster_startup", "bench.serving"]
 
 
 def main() -> int:
+    only = sys.argv[1:]  # `python -m bench serving` runs one
     for name in BENCHMARKS:
+        if only and name.rsplit(".", 1)[-1] not in only:
+            continue
         print(f"running {name} ...", flush=True)
         rows = importlib.import_module(name).run()
         path = report.save(name.rsplit(".", 1)[-1], rows)

@@ -57,11 +57,22 @@ def regenerate_table() -> None:
     for path in sorted(RESULTS.glob("*.json")):
         for row in json.loads(path.read_text())["rows"]:
             target = row.get("target")
-            met = "" if target is None else ("yes" if row["ratio"] <= target else "no")
+            # Times are better lower, throughputs higher: the row says which.
+            higher = bool(row.get("higher_is_better"))
+            met = (
+                ""
+                if target is None
+                else (
+                    "yes"
+                    if (row["ratio"] >= target if higher else row["ratio"] <= target)
+                    else "no"
+                )
+            )
+            bound = "" if target is None else f"{'≥' if higher else '≤'} {target}×"
             lines.append(
                 f"| {path.stem} | {row['figure']} | {row['ours']:.3g} {row['unit']} | "
                 f"{row['reference']:.3g} {row['unit']} ({row['reference_name']}) | "
-                f"{row['ratio']:.2f}× | {'' if target is None else f'≤ {target}×'} | {met} |"
+                f"{row['ratio']:.2f}× | {bound} | {met} |"
             )
     doc = ROOT / "BENCHMARKS.md"
     text = doc.read_text()

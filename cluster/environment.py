@@ -22,6 +22,8 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     env["RAY_AUTH_MODE"] = config.auth_mode
     env["AIAAS_STORAGE_ROOT"] = config.storage_root
     env["AIAAS_CLUSTER_NAME"] = config.name
+    # Model artifacts downloaded by replicas and jobs: kept with the cluster's temp files.
+    env["AIAAS_MODEL_CACHE"] = str(cluster_dir(config) / "models")
     mlflow_url = config.mlflow_url()
     if mlflow_url:
         env["MLFLOW_TRACKING_URI"] = mlflow_url

@@ -29,7 +29,7 @@ def list_models(name: str | None, cluster_path: Path) -> None:
     uri = target.registry_uri(target.load_cluster(cluster_path))
     names = [name] if name else registry.model_names(uri)
     if name:
-        registry.resolve(registry.ModelRef(name), uri)  # an unknown name gets did-you-mean
+        registry.require_model(name, uri)
     if not names:
         click.echo(f"No registered models in {uri} yet.")
         console.next_steps(["aiaas train configs/train/digits_mlp.yaml --follow"])
@@ -119,12 +119,14 @@ def show(reference: str, cluster_path: Path, as_json: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Check and say what would move; change nothing.")
 @console.user_errors
 def promote(name: str, version: str, alias: str, cluster_path: Path, dry_run: bool) -> None:
-    """Point ALIAS at VERSION; Serve apps that serve NAME@ALIAS switch to it without downtime."""
+    """Point ALIAS at VERSION ('latest': the newest complete one); Serve apps that serve
+    NAME@ALIAS switch to it without downtime."""
     from aiaas import aliases, registry
 
     cluster = target.load_cluster(cluster_path)
     uri = target.registry_uri(cluster)
-    registry.resolve(registry.ModelRef(name, version=version), uri)
+    wanted = registry.ModelRef(name) if version == "latest" else registry.ModelRef(name, version)
+    version = registry.resolve(wanted, uri).version
     if dry_run:
         click.echo(
             f"{name}:{version} is complete; would move {alias} from "
@@ -254,7 +256,7 @@ def _switch_serving(cluster: Any, name: str, alias: str, version: str) -> None:
 
     switched = serving.follow_alias(cluster, name, alias, version)
     for app in switched:
-        click.echo(f"Serve app '{app}' now serves {name}:{version} (every replica switched in place)")
+        click.echo(f"Serve app '{app}' now serves {name}:{version} (replicas switched in place)")
     if not switched:
         click.echo(f"No Serve app serves {name}@{alias}.")
 

@@ -66,13 +66,12 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
     report["size_bytes"] = {"parent": _size(module), "optimized": _size(converted)}
     print(f"{PROGRESS} {json.dumps({'optimize': report})}", flush=True)
     broken = _gate_failures(config, report)
+    report["gate"] = "failed: " + "; ".join(broken) if broken else "passed"
     run_id = _log_run(config, parent, report, job_id)
     if broken:
-        report["gate"] = "failed: " + "; ".join(broken)
         raise GateFailed(
             f"optimize gate failed: {'; '.join(broken)}; nothing was registered", report
         )
-    report["gate"] = "passed"
     lineage = {
         "parent": f"{parent.name}:{parent.version}",
         "parent_run": parent.run_id,

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
-from aiaas import api_keys, artifacts, registry
+from aiaas import api_keys, artifacts, errors, registry
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -185,7 +185,8 @@ class ModelServer:
             try:
                 loaded = await asyncio.to_thread(self._load_ref, ref)
             except Exception as exc:  # any load failure: keep serving what works
-                self.failed[name] = {"version": version, "error": str(exc)[:500]}
+                message = exc.message if isinstance(exc, errors.AiaasError) else str(exc)
+                self.failed[name] = {"version": version, "error": message[:500]}
                 logger.error("model %s version %s failed to load: %s", name, version, exc)
                 if current is None:
                     raise

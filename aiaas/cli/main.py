@@ -8,6 +8,7 @@ no import of ``cluster``/``jobs``/``serve_apps`` (they meet through these string
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 import click
@@ -40,6 +41,15 @@ class LazyGroup(click.Group):
         module_name, attribute = self._lazy[cmd_name][0].split(":")
         command: click.Command = getattr(importlib.import_module(module_name), attribute)
         return command
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as exc:
+            # click exits 2 on a usage error; every user error of aiaas exits 1 (PRODUCT.md §2).
+            if exc.code == 2:
+                sys.exit(1)
+            raise
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # The listing uses the help strings above, so `aiaas --help` imports no group.

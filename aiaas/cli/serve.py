@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,6 +163,12 @@ def _print_status(cluster: ClusterConfig, only: list[str] | None = None) -> None
         click.echo(f"  {app.name}  {app.status}  route {app.route_prefix}  replicas: {replicas}")
         if app.message:
             click.echo(f"    {app.message}")
+        if app.last_failure:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(app.last_failure["at"]))
+            click.echo(
+                f"    last failed switch ({when}, to {app.last_failure['model']}): "
+                f"{app.last_failure['error']}"
+            )
         for model in app.models:
             served = model.get("version") or "-"
             click.echo(

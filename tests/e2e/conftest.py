@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,3 +76,58 @@ def digits(cluster: RunningCluster) -> RunningCluster:
     )
     assert result.returncode == 0, result.stdout + result.stderr
     return cluster
+
+
+def aiaas_cli(
+    cluster: RunningCluster, *args: str, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    """``aiaas ARGS --cluster <the test cluster's config>``."""
+    return support.run("aiaas", *args, "--cluster", str(cluster.config_path), timeout=timeout)
+
+
+def mlflow_uri(cluster: RunningCluster) -> str:
+    import yaml
+
+    return f"http://127.0.0.1:{yaml.safe_load(cluster.config_path.read_text())['mlflow']['port']}"
+
+
+def storage_root(cluster: RunningCluster) -> Path:
+    import yaml
+
+    return Path(yaml.safe_load(cluster.config_path.read_text())["storage_root"])
+
+
+def variant(tmp_path: Path, base: str, name: str, **changes: object) -> Path:
+    """A shipped train config with another run name and changes, written outside the project."""
+    import yaml
+
+    config = yaml.safe_load((support.REPO / base).read_text())
+    config.update(name=name, **changes)
+    config["registration"] = {**config["registration"], "model_name": name}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@dataclass
+class TrainedModel:
+    """A model trained and registered on the session cluster by the real CLI."""
+
+    cluster: RunningCluster
+    name: str
+    version: str
+
+
+@pytest.fixture(scope="session")
+def trained(digits: RunningCluster, tmp_path_factory: pytest.TempPathFactory) -> TrainedModel:
+    """The tiny digits MLP trained for a few epochs as 'lifecycle-mlp' (version 1)."""
+    path = variant(
+        tmp_path_factory.mktemp("trained"),
+        "configs/train/tiny/digits_mlp.yaml",
+        "lifecycle-mlp",
+        epochs=6,
+    )
+    result = aiaas_cli(digits, "train", str(path), "--follow")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "registered lifecycle-mlp v1" in result.stdout, result.stdout
+    return TrainedModel(digits, "lifecycle-mlp", "1")

@@ -16,41 +16,17 @@ import pytest
 import yaml
 
 from tests import support
-from tests.e2e.conftest import RunningCluster
-
-
-def _aiaas(
-    cluster: RunningCluster, *args: str, timeout: float = 600
-) -> support.subprocess.CompletedProcess[str]:
-    return support.run("aiaas", *args, "--cluster", str(cluster.config_path), timeout=timeout)
-
-
-def _mlflow_uri(cluster: RunningCluster) -> str:
-    return f"http://127.0.0.1:{yaml.safe_load(cluster.config_path.read_text())['mlflow']['port']}"
-
-
-def _variant(tmp_path: Path, base: str, name: str, **changes: object) -> Path:
-    """A shipped train config with another run name and changes, written outside the project."""
-    config = yaml.safe_load((support.REPO / base).read_text())
-    config.update(name=name, **changes)
-    config["registration"] = {**config["registration"], "model_name": name}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+from tests.e2e.conftest import RunningCluster, aiaas_cli, mlflow_uri, storage_root, variant
 
 
 def _submit(cluster: RunningCluster, path: Path) -> str:
-    submitted = _aiaas(cluster, "train", str(path))
+    submitted = aiaas_cli(cluster, "train", str(path))
     assert submitted.returncode == 0, submitted.stderr
     return submitted.stdout.split("Submitted ", 1)[1].split()[0]
 
 
-def _storage(cluster: RunningCluster) -> Path:
-    return Path(yaml.safe_load(cluster.config_path.read_text())["storage_root"])
-
-
 def test_prepared_digits_splits_are_parquet_with_a_schema(digits: RunningCluster) -> None:
-    root = _storage(digits) / "datasets" / "digits"
+    root = storage_root(digits) / "datasets" / "digits"
     schema = json.loads((root / "schema.json").read_text())
     assert schema["rows"] == {"train": 1257, "validation": 269, "test": 271}
     assert schema["num_classes"] == 10 and schema["feature_shape"] == [1, 8, 8]
@@ -72,7 +48,7 @@ def test_prepared_digits_splits_are_parquet_with_a_schema(digits: RunningCluster
 def test_training_registers_one_version_with_lineage(
     digits: RunningCluster, config: str, accuracy: float
 ) -> None:
-    result = _aiaas(digits, "train", config, "--follow")
+    result = aiaas_cli(digits, "train", config, "--follow")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "  epoch   1  train_loss" in result.stdout
     assert ": SUCCEEDED" in result.stdout
@@ -80,18 +56,18 @@ def test_training_registers_one_version_with_lineage(
     model_name = yaml.safe_load(Path(support.REPO, config).read_text())["registration"][
         "model_name"
     ]
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     versions = client.search_model_versions(f"name='{model_name}'")
     assert len(versions) == 1
     tags = versions[0].tags
     assert tags["aiaas.job_id"] == submission_id
-    schema = json.loads((_storage(digits) / "datasets" / "digits" / "schema.json").read_text())
+    schema = json.loads((storage_root(digits) / "datasets" / "digits" / "schema.json").read_text())
     assert tags["aiaas.dataset_fingerprint"] == schema["fingerprint"]
     assert tags["aiaas.ray_job_id"] and tags["aiaas.config_hash"]
     run = client.get_run(versions[0].run_id)
     assert run.data.metrics["test_accuracy"] >= accuracy
     # The job's record, as `aiaas jobs status` shows it.
-    status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+    status = aiaas_cli(digits, "jobs", "status", submission_id, "--json")
     record = json.loads(status.stdout)
     assert record["status"] == "SUCCEEDED"
     assert record["result"]["registered"] == {"model": model_name, "version": versions[0].version}
@@ -104,11 +80,11 @@ def test_failed_gate_registers_nothing_and_says_why(digits: RunningCluster, tmp_
     config["registration"] = {"model_name": "gate-miss", "gate": {"accuracy": ">= 0.9999"}}
     path = tmp_path / "gate.yaml"  # outside the project: staged under the storage root
     path.write_text(yaml.safe_dump(config))
-    result = _aiaas(digits, "train", str(path), "--follow")
+    result = aiaas_cli(digits, "train", str(path), "--follow")
     assert result.returncode == 1
     assert "registration gate failed: test accuracy" in result.stdout + result.stderr
     assert "is not >= 0.9999; nothing was registered" in result.stdout + result.stderr
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert client.search_model_versions("name='gate-miss'") == []
 
 
@@ -121,10 +97,10 @@ def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None
     assert "tiny-digits-mlp version" in result.stdout
     # The run already finished under this name: it resumes at its end and reuses its version.
     assert "Already registered as tiny-digits-mlp version 1" in result.stdout
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert len(client.search_model_versions("name='tiny-digits-mlp'")) == 1
     # The job recorded itself, so `aiaas jobs list` shows it beside aiaas's own submissions.
-    listed = _aiaas(digits, "jobs", "list")
+    listed = aiaas_cli(digits, "jobs", "list")
     line = next(row for row in listed.stdout.splitlines() if row.startswith("ray-"))
     assert "SUCCEEDED" in line and "registered tiny-digits-mlp" in line
 
@@ -134,7 +110,7 @@ def test_stopped_job_is_stopped_and_registers_nothing(
     digits: RunningCluster, tmp_path: Path
 ) -> None:
     submission_id = _submit(
-        digits, _variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "to-stop", epochs=50)
+        digits, variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "to-stop", epochs=50)
     )
     deadline = time.monotonic() + 240
     # Epoch 1 reported means epoch 0's checkpoint is stored.
@@ -146,12 +122,12 @@ def test_stopped_job_is_stopped_and_registers_nothing(
     ):
         assert time.monotonic() < deadline, "the job never reached its second epoch"
         time.sleep(2)
-    stopped = _aiaas(digits, "jobs", "stop", submission_id)
+    stopped = aiaas_cli(digits, "jobs", "stop", submission_id)
     assert stopped.returncode == 0, stopped.stderr
     assert f"{submission_id}: STOPPED" in stopped.stdout
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert client.search_model_versions("name='to-stop'") == []
-    checkpoints = list((_storage(digits) / "runs" / "to-stop").rglob("state.pt"))
+    checkpoints = list((storage_root(digits) / "runs" / "to-stop").rglob("state.pt"))
     assert checkpoints, "checkpoints of a stopped run are kept"
 
 
@@ -161,7 +137,7 @@ def test_bad_inputs_fail_before_submission(digits: RunningCluster, tmp_path: Pat
     def attempt(**changes: object) -> str:
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**base, **changes}))
-        result = _aiaas(digits, "train", str(path))
+        result = aiaas_cli(digits, "train", str(path))
         assert result.returncode == 1, result.stdout
         assert "Submitted" not in result.stdout and "Traceback" not in result.stderr
         return result.stderr
@@ -210,7 +186,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
     ]
     # One worker per node, so losing a worker node always takes a training worker with it.
     scaling["placement_strategy"] = "STRICT_SPREAD"
-    path = _variant(
+    path = variant(
         tmp_path, "configs/train/digits_mlp.yaml", "node-loss", epochs=30, scaling=scaling
     )
     submission_id = _submit(digits, path)
@@ -234,12 +210,12 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
         except (ProcessLookupError, psutil.Error):
             continue
 
-    status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+    status = aiaas_cli(digits, "jobs", "status", submission_id, "--json")
     deadline = time.monotonic() + 600
     while json.loads(status.stdout)["status"] not in ("SUCCEEDED", "FAILED", "STOPPED"):
         assert time.monotonic() < deadline, "the job did not finish after the node loss"
         time.sleep(3)
-        status = _aiaas(digits, "jobs", "status", submission_id, "--json")
+        status = aiaas_cli(digits, "jobs", "status", submission_id, "--json")
     record = json.loads(status.stdout)
     text = log()
     assert record["status"] == "SUCCEEDED", text[-3000:]
@@ -251,7 +227,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
     assert resumed and resumed[0]["resumed_from_epoch"] >= 3, (
         "it must resume, not restart at epoch 0"
     )
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert len(client.search_model_versions("name='node-loss'")) == 1
     # Bring the lost node back for whatever runs next.
     assert _aiaas_plain("cluster", "up", str(digits.config_path)).returncode == 0
@@ -267,16 +243,16 @@ def test_a_damaged_data_set_fails_the_job_with_its_cause(
 ) -> None:
     dataset = tmp_path / "broken.yaml"
     dataset.write_text("kind: dataset\nname: broken\nsource: {type: sklearn_digits}\n")
-    prepared = _aiaas(digits, "data", "prepare", str(dataset))
+    prepared = aiaas_cli(digits, "data", "prepare", str(dataset))
     assert prepared.returncode == 0, prepared.stderr
-    for part in (_storage(digits) / "datasets" / "broken" / "train").glob("*.parquet"):
+    for part in (storage_root(digits) / "datasets" / "broken" / "train").glob("*.parquet"):
         part.write_bytes(b"not parquet at all")
-    path = _variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "broken-run", dataset="broken")
-    result = _aiaas(digits, "train", str(path), "--follow")
+    path = variant(tmp_path, "configs/train/tiny/digits_mlp.yaml", "broken-run", dataset="broken")
+    result = aiaas_cli(digits, "train", str(path), "--follow")
     assert result.returncode == 1
     assert ": FAILED" in result.stdout
     assert "the train split of data set 'broken' cannot be read:" in result.stderr
     assert "Prepare it again: aiaas data prepare configs/data/broken.yaml" in result.stderr
     assert "Traceback" not in result.stderr
-    client = mlflow.MlflowClient(tracking_uri=_mlflow_uri(digits))
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert client.search_model_versions("name='broken-run'") == []
