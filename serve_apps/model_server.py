@@ -129,8 +129,10 @@ class ModelServer:
         self.pending = 0
         for name, ref in self.entries.items():
             self.models[name] = self._load(registry.resolve(ref))
+        # Methods of an ingress class travel by value: helpers they use live on the class or
+        # in importable modules, never as this module's private functions.
         self.keys = (
-            api_keys.KeyRing(Storage(_storage_root()), args.api_keys_file)
+            api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
             if args.api_keys_file
             else None
         )
@@ -257,6 +259,12 @@ class ModelServer:
                 offset += size
         return results
 
+    def _too_large(self, size: int) -> ApiError:
+        limit = self.args.max_payload_bytes
+        return ApiError(
+            413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}"
+        )
+
     def _model(self, name: str) -> Loaded:
         loaded = self.models.get(name)
         if loaded is None:
@@ -282,10 +290,10 @@ class ModelServer:
     async def _instances(self, request: Request, loaded: Loaded) -> np.ndarray:
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.args.max_payload_bytes:
-            raise _too_large(int(declared), self.args.max_payload_bytes)
+            raise self._too_large(int(declared))
         body = await request.body()
         if len(body) > self.args.max_payload_bytes:
-            raise _too_large(len(body), self.args.max_payload_bytes)
+            raise self._too_large(len(body))
         try:
             payload = json.loads(body)
         except ValueError:
@@ -321,17 +329,6 @@ class ModelServer:
         if not np.isfinite(rows).all():
             raise ApiError(422, "not_finite", "instances contain NaN or infinite values")
         return rows
-
-
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}")
-
-
-def _storage_root() -> str:
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if not root:
-        raise RuntimeError("AIAAS_STORAGE_ROOT is not set: start the cluster with aiaas cluster up")
-    return root
 
 
 def build_app(args: Args) -> serve.Application:

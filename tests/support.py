@@ -79,7 +79,11 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
             "metrics_export": metrics,
         },
         "mlflow": {"port": mlflow},
-        "env": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"},
+        "env": {
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+            "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        },
     }
     config.update(overrides)
     path = directory / f"{name}.yaml"

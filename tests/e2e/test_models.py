@@ -294,3 +294,21 @@ def test_an_optimized_version_is_not_optimized_again(trained: TrainedModel) -> N
     assert f"Optimize the version it was made from: {trained.name}:{trained.version}" in (
         result.stderr
     )
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_optimize_entrypoint(trained: TrainedModel, tmp_path) -> None:
+    import yaml
+
+    config = yaml.safe_load((support.REPO / "configs/optimize/digits_mlp_int8.yaml").read_text())
+    config["model"] = f"{trained.name}:{trained.version}"
+    path = tmp_path / "optimize.yaml"  # the local cluster shares this file system
+    path.write_text(yaml.safe_dump(config))
+    before = _versions(trained)
+    result = support.ray_job_submit(
+        trained.cluster.dashboard_url, "python", "-m", "jobs.optimize", str(path)
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"Registered {trained.name} version" in result.stdout
+    assert "(dynamic-int8 of" in result.stdout
+    assert len(_versions(trained)) == len(before) + 1

@@ -223,17 +223,21 @@ def test_api_keys_rate_limits_and_overload(served: Served) -> None:
     free_key = free.stdout.strip()
     stored = (storage_root(served.trained.cluster) / keys_file).read_text()
     assert limited_key not in stored and free_key not in stored  # hashes only
-    path = _serve_config(
-        served.config_path.parent,
-        served.port,
-        f"{served.trained.name}@production",
-        name="guarded",
-        route_prefix="/guarded",
-        args={"api_keys_file": keys_file, "max_pending": 2, "batch_wait_timeout_s": 0.4},
-        deployments=[{"name": "ModelServer", "num_replicas": 1}],
-    )
+    # The shipped two-model app, on the test's port and models, with a tight pending limit.
+    config = yaml.safe_load((support.REPO / "configs/serve/digits_two_models.yaml").read_text())
+    config["http_options"]["port"] = served.port
+    app = config["applications"][0]
+    app.update(name="guarded", route_prefix="/guarded")
+    app["args"]["models"] = [
+        {"name": "digits", "model": f"{served.trained.name}@production"},
+        {"name": "digits-v1", "model": f"{served.trained.name}:{served.trained.version}"},
+    ]
+    app["args"].update(api_keys_file=keys_file, max_pending=2, batch_wait_timeout_s=0.4)
+    path = served.config_path.parent / "guarded.yaml"
+    path.write_text(yaml.safe_dump(config))
     deployed = served.cli("serve", "deploy", str(path))
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    assert "digits-v1: lifecycle-mlp:1 → version 1" in deployed.stdout
     url = served.predict_url(prefix="/guarded")
     body = {"instances": [[0.0] * 64]}
 
@@ -247,6 +251,13 @@ def test_api_keys_rate_limits_and_overload(served: Served) -> None:
     wrong = call("aiaas_not-a-key")
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert call(limited_key).status_code == 200
+    second = httpx.post(
+        served.predict_url(prefix="/guarded", name="digits-v1"),
+        json=body,
+        headers={"Authorization": f"Bearer {free_key}"},
+        timeout=30,
+    )
+    assert second.status_code == 200 and second.json()["model"] == "digits-v1"
     burst = [call(limited_key).status_code for _ in range(8)]
     assert 429 in burst, burst
     limited = call(limited_key)

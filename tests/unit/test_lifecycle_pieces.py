@@ -1,0 +1,136 @@
+"""Pure pieces of the model lifecycle and serving: references, alias history, API keys,
+optimize and Serve config messages."""
+
+from __future__ import annotations
+
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from aiaas import aliases, api_keys, errors, model_ref
+from aiaas.config import loader
+from aiaas.config.optimize import OptimizeConfig
+from aiaas.storage import Storage
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("digits-mlp", model_ref.ModelRef("digits-mlp")),
+        ("digits-mlp:12", model_ref.ModelRef("digits-mlp", version="12")),
+        ("digits-mlp@production", model_ref.ModelRef("digits-mlp", alias="production")),
+    ],
+)
+def test_references_parse(text: str, expected: model_ref.ModelRef) -> None:
+    assert model_ref.parse_ref(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize("text", ["", "a b", "digits:v1", "digits@", "digits:1@prod"])
+def test_bad_references_say_how_to_write_one(text: str) -> None:
+    with pytest.raises(errors.ConfigError) as caught:
+        model_ref.parse_ref(text)
+    assert str(caught.value) == (
+        f"'{text}' is not a model reference\n"
+        "Write NAME:VERSION (e.g. digits-mlp:3) or NAME@ALIAS (e.g. digits-mlp@production)."
+    )
+
+
+def test_a_bare_name_is_no_version_where_one_is_needed() -> None:
+    with pytest.raises(errors.ConfigError):
+        model_ref.parse_ref("digits-mlp", needs_version=True)
+
+
+def _move(action: str, frm: str | None, to: str, at: float) -> aliases.Move:
+    return aliases.Move("production", to, frm, action, "me", at)
+
+
+def test_rollback_replays_the_alias_history_as_a_stack() -> None:
+    moves = [
+        _move("promote", None, "1", 1),
+        _move("promote", "1", "2", 2),
+        _move("promote", "2", "3", 3),
+        _move("rollback", "3", "2", 4),
+    ]
+    assert aliases._stack(moves) == ["1", "2"]
+    assert aliases._stack([*moves, _move("rollback", "2", "1", 5)]) == ["1"]
+    # An alias set outside aiaas before its first recorded move is the bottom of the stack.
+    assert aliases._stack([_move("promote", "7", "8", 1)]) == ["7", "8"]
+
+
+def test_keys_are_stored_hashed_checked_limited_and_revoked(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path))
+    key = api_keys.create(storage, "keys.json", "ci", rate_limit_per_s=2)
+    other = api_keys.create(storage, "keys.json", "bulk", rate_limit_per_s=None)
+    text = (tmp_path / "keys.json").read_text()
+    assert key not in text and other not in text and api_keys.digest(key) in text
+    ring = api_keys.KeyRing(storage, "keys.json")
+    assert ring.check(f"Bearer {key}") == "ci"
+    assert ring.check(f"bearer {other}") == "bulk"
+    for header, code in [
+        (None, "missing_api_key"),
+        ("Basic abc", "missing_api_key"),
+        ("Bearer aiaas_nope", "invalid_api_key"),
+    ]:
+        with pytest.raises(api_keys.Denied) as denied:
+            ring.check(header)
+        assert (denied.value.status, denied.value.code) == (401, code)
+    ring.check(f"Bearer {key}")  # the second of the 2 allowed this second
+    with pytest.raises(api_keys.Denied) as limited:
+        ring.check(f"Bearer {key}")
+    assert limited.value.status == 429
+    assert "limited to 2 requests/s" in limited.value.message
+    with pytest.raises(errors.ConfigError, match="a key named 'ci' already exists"):
+        api_keys.create(storage, "keys.json", "ci", None)
+    api_keys.revoke(storage, "keys.json", "bulk")
+    ring._loaded = time.monotonic() - 10  # as after the reload interval
+    with pytest.raises(api_keys.Denied):
+        ring.check(f"Bearer {other}")
+    with pytest.raises(errors.ConfigError, match="no live key named 'bulk'"):
+        api_keys.revoke(storage, "keys.json", "bulk")
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_optimize_config_gets_a_default_name_and_checks_the_reference(tmp_path: Path) -> None:
+    config = loader.load(
+        _write(tmp_path, "kind: optimize\nmodel: digits-mlp:3\nmethod: onnx\n"), OptimizeConfig
+    )
+    assert config.name == "digits-mlp-v3-onnx"
+    assert config.gate.max_accuracy_drop == 0.5 and config.gate.max_latency_ratio is None
+    with pytest.raises(errors.ConfigError) as caught:
+        loader.load(_write(tmp_path, "kind: optimize\nmodel: digits-mlp\nmethod: fp16\n"))
+    message = str(caught.value)
+    assert "• model (line 2): 'digits-mlp' is not a model reference" in message
+    assert "• method (line 3): Input should be 'dynamic-int8', 'torchscript' or 'onnx'" in message
+
+
+def test_serve_files_are_checked_against_the_apps_args(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        applications:
+          - name: digits
+            route_prefix: /v1/models
+            import_path: serve_apps.model_server:build_app
+            args:
+              models: [{name: digits, model: digits-mlp@production}]
+              max_batch_sise: 8
+              max_payload_bytes: 10
+        """,
+    )
+    with pytest.raises(errors.ConfigError) as caught:
+        loader.check(path)
+    assert str(caught.value) == (
+        f"{path}: not a valid Ray Serve config (2 problems):\n"
+        "  • applications[0].args.max_payload_bytes (line 8): Input should be greater than or "
+        "equal to 1024\n"
+        "  • applications[0].args.max_batch_sise (line 7): unknown field; did you mean "
+        "'max_batch_size'?"
+    )
