@@ -45,8 +45,10 @@ class TorchPredictor:
         self._torch = torch
 
     def predict(self, features: np.ndarray) -> np.ndarray:
+        # torch wants writable memory; a read-only view (e.g. from Arrow) is copied once.
+        rows = features if features.flags.writeable else features.copy()
         with self._torch.inference_mode():
-            return np.asarray(self.module(self._torch.from_numpy(features)).numpy())
+            return np.asarray(self.module(self._torch.from_numpy(rows)).numpy())
 
 
 class OnnxPredictor:

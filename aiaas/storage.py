@@ -62,6 +62,10 @@ class Storage:
         Returns:
             The full path written.
         """
+        return self.write_bytes(relative, text.encode("utf-8"))
+
+    def write_bytes(self, relative: str, data: bytes) -> str:
+        """Write a file atomically (see :meth:`write_text`); returns the full path."""
         full = self.path(relative)
         parent = full.rsplit("/", 1)[0]
         try:
@@ -69,12 +73,12 @@ class Storage:
             if self.is_local:
                 temporary = f"{full}.{uuid.uuid4().hex}.tmp"
                 with self._fs.open_output_stream(temporary) as stream:
-                    stream.write(text.encode("utf-8"))
+                    stream.write(data)
                 self._fs.move(temporary, full)
             else:
                 # Object stores replace whole objects on write, which is already atomic.
                 with self._fs.open_output_stream(full) as stream:
-                    stream.write(text.encode("utf-8"))
+                    stream.write(data)
         except OSError as exc:
             raise errors.StorageError(
                 f"cannot write {full}: {exc}",

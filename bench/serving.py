@@ -64,6 +64,7 @@ class Reference:
         return predict_body(self.predictor, self.version.version, await request.body())
 
 ray.init(address="auto", runtime_env={"working_dir": WORKING_DIR}, logging_level="ERROR")
+serve.start(http_options={"host": "127.0.0.1", "port": PORT})
 serve.run(Reference.bind(), name="serve-default", route_prefix="/ref", blocking=False)
 """
 
@@ -115,15 +116,18 @@ def _app_config(port: int, name: str, prefix: str, **args: Any) -> dict[str, Any
 
 
 class Bench:
-    """One head-only cluster (2 CPUs) with every Serve target, and the FastAPI reference."""
+    """A head-only cluster (2 CPUs) with Serve targets; the one with aiaas's apps also runs the
+    FastAPI reference (one uvicorn worker, outside Ray)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, name: str, env: dict[str, str]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.config = support.write_cluster_config(
             directory,
-            "bench-serve",
+            name,
             workers=0,
             head={"num_cpus": 2, "memory": "4GiB", "object_store_memory": "300MiB"},
+            env=env,
         )
         data = yaml.safe_load(self.config.read_text())
         self.mlflow = f"http://127.0.0.1:{data['mlflow']['port']}"
@@ -141,7 +145,7 @@ class Bench:
         if result.returncode != 0:
             raise RuntimeError(f"aiaas {' '.join(args)}: {result.stdout}{result.stderr}")
 
-    def start(self) -> None:
+    def start(self, aiaas_apps: bool) -> None:
         self.aiaas("cluster", "up")
         subprocess.run(
             [sys.executable, "-c", _REGISTER],
@@ -150,6 +154,9 @@ class Bench:
             cwd=support.REPO,
             capture_output=True,
         )
+        if not aiaas_apps:
+            self._serve_default()
+            return
         for name, prefix, args in (
             ("aiaas-unbatched", "/unbatched", {"max_batch_size": 1}),
             ("aiaas-batched", "/v1/models", {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}),
@@ -157,7 +164,6 @@ class Bench:
             path = self.directory / f"{name}.yaml"
             path.write_text(yaml.safe_dump(_app_config(self.port, name, prefix, **args)))
             self.aiaas("serve", "deploy", str(path))
-        self._serve_default()
         self._start_fastapi()
 
     def _serve_default(self) -> None:
@@ -166,6 +172,7 @@ class Bench:
             Path(__file__).with_name("reference_app.py"), staged / "bench_reference_body.py"
         )
         script = _SERVE_DEFAULT.replace("WORKING_DIR", repr(str(staged)))
+        script = script.replace("PORT", str(self.port))
         env = {**self.env(), "RAY_ADDRESS": self.gcs}
         subprocess.run(
             [sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=300
@@ -199,14 +206,15 @@ class Bench:
             self.fastapi.wait(timeout=30)
         support.run("aiaas", "cluster", "down", str(self.config))
 
-    def urls(self) -> dict[str, str]:
-        serve = f"http://127.0.0.1:{self.port}"
-        return {
-            "fastapi": f"http://127.0.0.1:{self.fastapi_port}/v1/models/digits:predict",
-            "serve-default": f"{serve}/ref/digits:predict",
-            "aiaas-unbatched": f"{serve}/unbatched/digits:predict",
-            "aiaas-batched": f"{serve}/v1/models/digits:predict",
-        }
+
+def _urls(ours: Bench, reference: Bench) -> dict[str, str]:
+    serve = f"http://127.0.0.1:{ours.port}"
+    return {
+        "fastapi": f"http://127.0.0.1:{ours.fastapi_port}/v1/models/digits:predict",
+        "serve-default": f"http://127.0.0.1:{reference.port}/ref/digits:predict",
+        "aiaas-unbatched": f"{serve}/unbatched/digits:predict",
+        "aiaas-batched": f"{serve}/v1/models/digits:predict",
+    }
 
 
 def _wait_ok(url: str, timeout_s: float = 120) -> None:
@@ -222,8 +230,7 @@ def _wait_ok(url: str, timeout_s: float = 120) -> None:
     raise RuntimeError(f"{url} never answered 200")
 
 
-def _measure(bench: Bench) -> dict[tuple[str, int], list[dict[str, float]]]:
-    urls = bench.urls()
+def _measure(urls: dict[str, str]) -> dict[tuple[str, int], list[dict[str, float]]]:
     plan = [
         (1, ["fastapi", "serve-default", "aiaas-unbatched"]),
         (16, ["fastapi", "serve-default", "aiaas-unbatched"]),
@@ -274,17 +281,23 @@ def run() -> list[dict[str, Any]]:
     if shutil.which("wrk") is None:
         raise RuntimeError("wrk is not installed; `make bench` installs it (Debian package wrk)")
     directory = Path(tempfile.mkdtemp(prefix="bench-serving-"))
-    bench = Bench(directory)
+    # Two clusters side by side: Ray Serve exactly as installed (no env), and aiaas with the
+    # env its shipped cluster config sets (configs/cluster/local.yaml).
+    shipped_env = yaml.safe_load((support.REPO / "configs/cluster/local.yaml").read_text())["env"]
+    reference = Bench(directory / "reference", "bench-ref", {})
+    ours = Bench(directory / "ours", "bench-ours", {k: str(v) for k, v in shipped_env.items()})
     try:
-        bench.start()
-        found = _measure(bench)
+        reference.start(aiaas_apps=False)
+        ours.start(aiaas_apps=True)
+        found = _measure(_urls(ours, reference))
         shipped = yaml.safe_load((support.REPO / "configs/serve/digits.yaml").read_text())
-        ours = shipped["applications"][0]["deployments"][0]["autoscaling_config"]
-        scale_ours = [_autoscaling(bench, ours, f"scale-aiaas-{i}", 60) for i in range(ROUNDS)]
-        defaults = {"min_replicas": 1, "max_replicas": ours["max_replicas"]}
-        scale_default = [_autoscaling(bench, defaults, "scale-default", 90)]
+        scaling = shipped["applications"][0]["deployments"][0]["autoscaling_config"]
+        scale_ours = [_autoscaling(ours, scaling, f"scale-aiaas-{i}", 60) for i in range(ROUNDS)]
+        defaults = {"min_replicas": 1, "max_replicas": scaling["max_replicas"]}
+        scale_default = [_autoscaling(reference, defaults, "scale-default", 90)]
     finally:
-        bench.stop()
+        for bench in (ours, reference):
+            bench.stop()
         shutil.rmtree(directory, ignore_errors=True)
 
     def med(target: str, clients: int, key: str) -> float:

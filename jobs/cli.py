@@ -1,4 +1,4 @@
-"""``aiaas train CONFIG`` and ``aiaas jobs list | status | logs | stop``."""
+"""``aiaas train CONFIG``, ``aiaas tune CONFIG`` and ``aiaas jobs list | status | logs | stop``."""
 
 from __future__ import annotations
 
@@ -46,6 +46,66 @@ def train(config_path: Path, cluster_path: Path, follow: bool, dry_run: bool) ->
     _print_outcome(final)
     if final.status != "SUCCEEDED":
         console.fail(f"job {final.submission_id} {final.status}: {_reason(final)}")
+
+
+@click.command()
+@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
+@target.cluster_option
+@click.option("--follow", is_flag=True, help="Show trials' progress and the results table.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue the tune run of this name; finished trials are not run again.",
+)
+@click.option("--dry-run", is_flag=True, help="Run every check; submit nothing.")
+@console.user_errors
+def tune(config_path: Path, cluster_path: Path, follow: bool, resume: bool, dry_run: bool) -> None:
+    """Submit a hyperparameter search (python -m jobs.tune CONFIG) through the Ray Jobs API."""
+    from aiaas.config.tune import TuneConfig
+    from jobs import preflight, submit
+
+    config = loader.load(config_path, TuneConfig)
+    cluster = target.load_cluster(cluster_path)
+    preflight.check_tune(config, config_path, cluster)
+    extra = ("--resume",) if resume else ()
+    if dry_run:
+        click.echo(
+            f"{config_path}: checks passed; would submit python -m jobs.tune {config_path} "
+            f"{' '.join(extra)}({config.trial_count()} trials, {config.max_concurrent_trials} "
+            "at a time)"
+        )
+        return
+    record = submit.submit("tune", config_path, config, cluster, extra)
+    click.echo(f"Submitted {record.submission_id} to {record.address}")
+    if not follow:
+        console.next_steps(
+            [
+                f"aiaas jobs status {record.submission_id}",
+                f"aiaas jobs logs {record.submission_id} --follow",
+            ]
+        )
+        return
+    final = submit.follow(cluster, record.submission_id, _progress_printer())
+    _print_trials((final.result or {}).get("trials") or [])
+    _print_outcome(final)
+    if final.status != "SUCCEEDED":
+        console.fail(f"job {final.submission_id} {final.status}: {_reason(final)}")
+
+
+def _print_trials(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in columns}
+    click.echo("  " + "  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        click.echo("  " + "  ".join(_cell(row.get(c)).ljust(widths[c]) for c in columns))
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, list | dict) else str(value)
 
 
 @click.group("jobs")

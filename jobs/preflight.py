@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from aiaas import datasets, errors, models, placement
+from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.config.train import TrainConfig
+from aiaas.config.tune import TuneConfig, apply
 from aiaas.storage import Storage
 
 
@@ -29,6 +31,41 @@ def check_train(config: TrainConfig, config_path: Path, cluster: ClusterConfig) 
             f"{config_path}: scaling: {problem}",
             "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
         )
+
+
+def check_tune(config: TuneConfig, config_path: Path, cluster: ClusterConfig) -> TrainConfig:
+    """The train config loads, every end of every range makes a valid train config, and a
+    trial's workers fit the cluster; returns the train config.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    from pydantic import ValidationError
+
+    train_path = Path(config.train)
+    if not train_path.is_file():
+        raise errors.ConfigError(
+            f"{config_path}: train: {config.train} does not exist",
+            "Name a train config relative to the project root, e.g. configs/train/digits_mlp.yaml.",
+        )
+    base = loader.load(train_path, TrainConfig)
+    data = base.model_dump(mode="json")
+    for path, domain in config.search_space.items():
+        for value in domain.values():
+            try:
+                TrainConfig.model_validate(apply(data, {path: value}))
+            except ValidationError as exc:
+                reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+                raise errors.ConfigError(
+                    f"{config_path}: search_space.{path}: {value!r} is not a valid value for "
+                    f"{config.train}: {reason}",
+                    "Narrow the range or list to values the train config accepts.",
+                ) from None
+    trial = base
+    if config.scaling is not None:
+        trial = base.model_copy(update={"scaling": config.scaling})
+    check_train(trial, config_path, cluster)
+    return base
 
 
 def _alive_node_resources(cluster: ClusterConfig) -> list[dict[str, float]] | None:

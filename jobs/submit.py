@@ -58,8 +58,14 @@ def client(config: ClusterConfig) -> Any:
         ) from None
 
 
-def submit(kind: str, config_path: Path, config: Any, cluster: ClusterConfig) -> records.JobRecord:
-    """Submit ``python -m jobs.<kind> CONFIG`` and record it.
+def submit(
+    kind: str,
+    config_path: Path,
+    config: Any,
+    cluster: ClusterConfig,
+    extra_args: tuple[str, ...] = (),
+) -> records.JobRecord:
+    """Submit ``python -m jobs.<kind> CONFIG [EXTRA_ARGS]`` and record it.
 
     Configs inside the project are passed by their relative path (they are in the upload);
     others are staged under the storage root first.
@@ -69,7 +75,7 @@ def submit(kind: str, config_path: Path, config: Any, cluster: ClusterConfig) ->
         f"aiaas-{kind}-{config.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     )
     entry_config = _config_argument(config_path, storage, submission_id)
-    entrypoint = f"python -m jobs.{kind} {entry_config}"
+    entrypoint = " ".join(["python", "-m", f"jobs.{kind}", entry_config, *extra_args])
     config_data = config.model_dump(mode="json")
     record = records.JobRecord(
         submission_id=submission_id,

@@ -28,6 +28,15 @@ from jobs import evaluation, records
 
 PROGRESS = "aiaas-progress"
 READ_TASK_CPUS = 0.25
+#: Per-epoch metrics kept in a run's history (job record, MLflow).
+HISTORY_KEYS = (
+    "epoch",
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "samples_per_s",
+)
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -160,45 +169,11 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
         AiaasError: A bad input (missing data set, model that does not fit, unplaceable workers)
             or a failed registration gate.
     """
-    import ray
-    import ray.data
     import ray.train
-    from ray.train import RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
-    storage = _storage()
-    schema = datasets.load_schema(storage, config.dataset)
-    _check_model_fits(config, schema)
-    ray.init(logging_level=logging.WARNING)
-    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    unplaceable = placement.problem(
-        nodes,
-        config.scaling.worker_resources(),
-        config.scaling.num_workers,
-    )
-    if unplaceable:
-        raise errors.ConfigError(
-            f"{config_path}: scaling: {unplaceable}",
-            "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
-        )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    storage, schema = prepare(config, config_path)
     splits = _read_splits(config, storage)
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={
-            "config": config.loop_config(),
-            "schema": schema.model_dump(mode="json"),
-        },
-        scaling_config=config.scaling.scaling_config(),
-        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=config.name,
-            storage_path=storage.path("runs"),
-            checkpoint_config=config.checkpoint.checkpoint_config(),
-            failure_config=config.failure_config(),
-        ),
-        datasets=splits,
-    )
+    trainer = build_trainer(config, schema, splits, storage, run_name=config.name)
     started = time.perf_counter()
     try:
         result = trainer.fit()
@@ -214,21 +189,101 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     best = result.get_best_checkpoint(config.checkpoint.score_metric, config.checkpoint.score_order)
     if best is None:
         raise errors.JobError(f"run '{config.name}' finished without a checkpoint")
+    return evaluate_and_register(
+        config,
+        config_path,
+        schema,
+        storage,
+        best,
+        _history(result),
+        {"run": config.name, "train_seconds": round(train_seconds, 2)},
+    )
+
+
+def prepare(config: TrainConfig, config_path: Path) -> tuple[Storage, datasets.DatasetSchema]:
+    """Check the data set and the model, join the cluster and check the workers fit on it."""
+    import ray
+    import ray.data
+
+    storage = _storage()
+    schema = datasets.load_schema(storage, config.dataset)
+    _check_model_fits(config, schema)
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING)
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    unplaceable = placement.problem(
+        nodes,
+        config.scaling.worker_resources(),
+        config.scaling.num_workers,
+    )
+    if unplaceable:
+        raise errors.ConfigError(
+            f"{config_path}: scaling: {unplaceable}",
+            "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
+        )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return storage, schema
+
+
+def build_trainer(
+    config: TrainConfig,
+    schema: datasets.DatasetSchema,
+    splits: dict[str, Any],
+    storage: Storage,
+    run_name: str,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The TorchTrainer of a train config (a tune trial builds one per trial)."""
+    from ray.train import RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "config": config.loop_config(),
+            "schema": schema.model_dump(mode="json"),
+        },
+        scaling_config=config.scaling.scaling_config(),
+        torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage.path("runs"),
+            checkpoint_config=config.checkpoint.checkpoint_config(),
+            failure_config=config.failure_config(),
+            callbacks=callbacks or None,
+        ),
+        datasets=splits,
+    )
+
+
+def evaluate_and_register(
+    config: TrainConfig,
+    config_path: Path,
+    schema: datasets.DatasetSchema,
+    storage: Storage,
+    best: Any,
+    history: list[dict[str, float]],
+    outcome: dict[str, Any],
+    lineage_extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint on the test split; log the run and register it if the gate holds.
+
+    Raises:
+        GateFailed: The gate does not hold; nothing is registered.
+    """
     model = evaluation.load_model(config, schema, best)
     test = evaluation.evaluate(model, storage, config, schema)
-    history = _history(result)
-    outcome: dict[str, Any] = {
-        "run": config.name,
+    outcome = {
+        **outcome,
         "test": test,
         "epochs_run": len(history),
         "history": history,
-        "train_seconds": round(train_seconds, 2),
         "checkpoint": best.path,
     }
     print(f"{PROGRESS} {json.dumps({'test': test})}", flush=True)
     if config.registration is None:
         return outcome
-    lineage = _lineage(config, config_path, schema)
+    lineage = {**_lineage(config, config_path, schema), **(lineage_extra or {})}
     run_id = registration.log_run(
         experiment=config.name,
         run_name=lineage["job_id"],
@@ -388,18 +443,7 @@ def _history(result: Any) -> list[dict[str, float]]:
     frame = result.metrics_dataframe
     if frame is None or frame.empty:
         return []
-    keep = [
-        c
-        for c in (
-            "epoch",
-            "train_loss",
-            "train_accuracy",
-            "val_loss",
-            "val_accuracy",
-            "samples_per_s",
-        )
-        if c in frame.columns
-    ]
+    keep = [c for c in HISTORY_KEYS if c in frame.columns]
     rows = frame[keep].drop_duplicates(subset="epoch", keep="last").to_dict("records")
     return [{key: float(value) for key, value in row.items()} for row in rows]
 

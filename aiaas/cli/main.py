@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "cluster": ("cluster.cli:cluster", "Start, inspect, stop or render the Ray cluster."),
     "data": ("aiaas.cli.data:data", "Prepare data sets as Parquet under the storage root."),
     "train": ("jobs.cli:train", "Submit a training job (Ray Train) through Ray Jobs."),
+    "tune": ("jobs.cli:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
     "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
     "models": ("jobs.models_cli:models", "Registered models: list, show, promote, optimize."),
     "serve": ("aiaas.cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),

@@ -25,6 +25,7 @@ KINDS: dict[str, str] = {
     "dataset": "aiaas.config.dataset:DatasetConfig",
     "train": "aiaas.config.train:TrainConfig",
     "optimize": "aiaas.config.optimize:OptimizeConfig",
+    "tune": "aiaas.config.tune:TuneConfig",
 }
 
 M = TypeVar("M", bound=BaseModel)
