@@ -82,8 +82,8 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
             splits=splits,
             storage_root=storage.root,
         ),
-        # The trial only drives its Train run, whose workers hold the CPUs.
-        {"CPU": 0},
+        # The trial only drives its Train run, whose workers hold the CPUs (Tune refuses 0).
+        {"CPU": 0.01},
     )
     experiment = storage.path("tune", config.name)
     resumed = resume and tune.Tuner.can_restore(experiment)
@@ -100,14 +100,14 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
                 mode=config.mode,
                 num_samples=config.num_samples,
                 max_concurrent_trials=config.max_concurrent_trials,
-                scheduler=_scheduler(config, base.epochs),
+                scheduler=_scheduler(config, _max_epochs(config, base)),
             ),
             run_config=tune.RunConfig(
                 name=config.name, storage_path=storage.path("tune"), verbose=0
             ),
         )
     grid = tuner.fit()
-    table = _table(config, grid, base.epochs)
+    table = _table(config, grid, base)
     storage.write_bytes(f"tune/{config.name}/results.parquet", _parquet(table))
     print(f"{PROGRESS} {json.dumps({'trials': table}, default=str)}", flush=True)
     best = _best(config, grid)
@@ -138,6 +138,11 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
     return outcome
 
 
+def _max_epochs(config: TuneConfig, base: TrainConfig) -> int:
+    searched = config.search_space.get("epochs")
+    return int(max(searched.values())) if searched is not None else base.epochs
+
+
 def _scheduler(config: TuneConfig, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
@@ -156,9 +161,10 @@ def _scheduler(config: TuneConfig, epochs: int) -> Any:
     return FIFOScheduler()
 
 
-def _table(config: TuneConfig, grid: Any, epochs: int) -> list[dict[str, Any]]:
+def _table(config: TuneConfig, grid: Any, base: TrainConfig) -> list[dict[str, Any]]:
     rows = []
     for result in grid:
+        epochs = trial_config(config, base, result.config or {}).epochs
         history = result.metrics_dataframe
         metric = history[config.metric] if history is not None and config.metric in history else []
         best = (max(metric) if config.mode == "max" else min(metric)) if len(metric) else None
@@ -211,7 +217,7 @@ def _best(config: TuneConfig, grid: Any) -> dict[str, Any]:
 
 
 def _trial_id(result: Any) -> str:
-    return str(Path(result.path).name) if result.path else "?"
+    return str((result.metrics or {}).get("trial_id") or Path(result.path or "?").name)
 
 
 def _plain(value: Any) -> Any:

@@ -70,10 +70,9 @@ def test_a_stopped_search_resumes_without_rerunning_finished_trials(
     experiment = storage_root(digits) / "tune" / "tune-resume"
 
     def finished() -> int:
-        states = experiment.glob("experiment_state-*.json")
-        return max(
-            (text.count('"TERMINATED"') for text in (p.read_text() for p in states)), default=0
-        )
+        """Trials Tune's saved experiment state counts as finished."""
+        texts = [p.read_text() for p in experiment.glob("experiment_state-*.json")]
+        return max((text.count('\\"status\\": \\"TERMINATED\\"') for text in texts), default=0)
 
     deadline = time.monotonic() + 600
     while finished() < 2:
