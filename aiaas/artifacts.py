@@ -78,6 +78,11 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
     Raises:
         StorageError: The artifact is missing or cannot be loaded (named with the version).
     """
+    if version.format == "sentence-transformers":
+        raise errors.ConfigError(
+            f"{version.name}:{version.version} is an embedding model, not a classifier",
+            "Serve it with serve_apps.embeddings (configs/serve/embeddings.yaml).",
+        )
     import mlflow
     import torch
 
@@ -180,3 +185,59 @@ def convert(module: nn.Module, method: str, example: np.ndarray) -> Any:
     raise errors.ConfigError(
         f"unknown optimize method '{method}'", "Use dynamic-int8, torchscript or onnx."
     )
+
+
+class Embedder:
+    """A sentence-transformers model: texts in, embedding rows out, with real token counts."""
+
+    format = "sentence-transformers"
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.dimension = int(model.get_embedding_dimension() or 0)
+        self.max_tokens = int(model.max_seq_length)
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens per text as the model's tokenizer counts them (special tokens included)."""
+        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False)
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        """Embeddings of the texts (inputs longer than the model's limit are truncated)."""
+        return np.asarray(
+            self.model.encode(texts, batch_size=batch_size, convert_to_numpy=True),
+            dtype=np.float32,
+        )
+
+
+def load_embedder(version: registry.Version, threads: int = 1) -> Embedder:
+    """Download a sentence-transformers version and load it on the CPU.
+
+    Raises:
+        ConfigError: The version is not an embedding model. StorageError: it cannot be loaded.
+    """
+    if version.format != "sentence-transformers":
+        raise errors.ConfigError(
+            f"{version.name}:{version.version} is a '{version.format}' model, not an embedding "
+            "model",
+            "Serve it with serve_apps.model_server, or import an embedding model with "
+            "'aiaas models import'.",
+        )
+    import mlflow
+    import torch
+
+    # Everything a model needs is in its artifact: never ask the Hugging Face hub.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(threads)
+    try:
+        local = _local_copy(version, mlflow)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = mlflow.sentence_transformers.load_model(local)
+    except Exception as exc:  # MLflow, transformers and torch each raise their own types
+        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
+        raise errors.StorageError(
+            f"{version.name}:{version.version} (sentence-transformers) cannot be loaded: {cause}",
+            "Import the model again, or roll back to a version that loads.",
+        ) from exc
+    return Embedder(model)

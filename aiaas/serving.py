@@ -24,8 +24,30 @@ from aiaas.config.cluster import ClusterConfig
 from aiaas.dashboard import Dashboard
 from aiaas.storage import Storage
 
-MODEL_SERVER = "serve_apps.model_server:build_app"
-DEPLOYMENT = "ModelServer"
+
+@dataclass(frozen=True)
+class ModelApp:
+    """One of our Serve apps that serves registered versions, and how to reach its models."""
+
+    deployment: str
+    formats: tuple[str, ...]
+    status_path: str  # GET, relative to the route prefix
+    call: str  # what clients call, relative to the route prefix
+
+    def status_url(self, base: str, prefix: str, name: str) -> str:
+        return f"{base}{prefix.rstrip('/')}{self.status_path.format(name=name)}"
+
+
+CLASSIFIER_FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx")
+#: Our apps that serve registered versions, by import path.
+MODEL_APPS = {
+    "serve_apps.model_server:build_app": ModelApp(
+        "ModelServer", CLASSIFIER_FORMATS, "/{name}", "POST /{name}:predict"
+    ),
+    "serve_apps.embeddings:build_app": ModelApp(
+        "Embeddings", ("sentence-transformers",), "/embeddings/{name}", "POST /embeddings"
+    ),
+}
 HEALTHY = "RUNNING"
 BROKEN = ("DEPLOY_FAILED", "UNHEALTHY")
 
@@ -69,18 +91,26 @@ def deploy(
     uri = cluster.mlflow_url()
     apps = [copy.deepcopy(app) for app in data.get("applications") or []]
     for app in apps:
-        if app.get("import_path") == MODEL_SERVER:
-            pins = {}
-            for entry in (app.get("args") or {}).get("models", []):
-                try:
-                    version = registry.resolve(registry.parse_ref(entry["model"]), uri)
-                except errors.ConfigError as exc:
-                    raise errors.ConfigError(
-                        f"{path}: app '{app['name']}', model '{entry['name']}': {exc.message}",
-                        exc.hint,
-                    ) from None
-                pins[entry["name"]] = version.version
-            _set_pins(app, pins)
+        kind = MODEL_APPS.get(str(app.get("import_path")))
+        if kind is None:
+            continue
+        pins = {}
+        for entry in (app.get("args") or {}).get("models", []):
+            where = f"{path}: app '{app['name']}', model '{entry['name']}'"
+            try:
+                version = registry.resolve(registry.parse_ref(entry["model"]), uri)
+            except errors.ConfigError as exc:
+                raise errors.ConfigError(f"{where}: {exc.message}", exc.hint) from None
+            if version.format not in kind.formats:
+                raise errors.ConfigError(
+                    f"{where}: {version.name}:{version.version} is a '{version.format}' model, "
+                    f"which {app['import_path']} does not serve (it serves "
+                    f"{', '.join(kind.formats)})",
+                    "Serve embedding models with serve_apps.embeddings:build_app and "
+                    "classifiers with serve_apps.model_server:build_app.",
+                )
+            pins[entry["name"]] = version.version
+        _set_pins(app, pins)
     if dry_run:
         return [str(app["name"]) for app in apps]
     with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
@@ -105,10 +135,11 @@ def deploy(
 
 
 def _set_pins(app: dict[str, Any], pins: dict[str, str]) -> None:
+    deployment = MODEL_APPS[str(app["import_path"])].deployment
     deployments = app.setdefault("deployments", [])
-    mine = [d for d in deployments if d.get("name") == DEPLOYMENT]
+    mine = [d for d in deployments if d.get("name") == deployment]
     if not mine:
-        deployments.append({"name": DEPLOYMENT})
+        deployments.append({"name": deployment})
         mine = deployments[-1:]
     user_config = dict(mine[0].get("user_config") or {})
     user_config["versions"] = {**user_config.get("versions", {}), **pins}
@@ -116,8 +147,9 @@ def _set_pins(app: dict[str, Any], pins: dict[str, str]) -> None:
 
 
 def _pins(app: dict[str, Any]) -> dict[str, str]:
+    kind = MODEL_APPS.get(str(app.get("import_path")))
     for deployment in app.get("deployments") or []:
-        if deployment.get("name") == DEPLOYMENT:
+        if kind is not None and deployment.get("name") == kind.deployment:
             return dict((deployment.get("user_config") or {}).get("versions", {}))
     return {}
 
@@ -202,7 +234,7 @@ def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:
             replicas=replicas,
         )
         config = app.get("deployed_app_config") or {}
-        if config.get("import_path") == MODEL_SERVER:
+        if config.get("import_path") in MODEL_APPS:
             row.models = _model_states(url, row.route_prefix, config)
         failure = Storage(cluster.storage_root).read_text(_failure_path(name))
         row.last_failure = json.loads(failure) if failure else None
@@ -212,16 +244,18 @@ def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:
 
 def _model_states(url: str, prefix: str, config: dict[str, Any]) -> list[dict[str, Any]]:
     pins = _pins(config)
+    kind = MODEL_APPS[str(config["import_path"])]
     states = []
     for entry in (config.get("args") or {}).get("models", []):
+        method, path = kind.call.format(name=entry["name"]).split(" ", 1)
         state: dict[str, Any] = {
             "name": entry["name"],
             "model": entry["model"],
             "pinned": pins.get(entry["name"]),
-            "url": f"{url}{prefix.rstrip('/')}/{entry['name']}:predict",
+            "url": f"{method} {url}{prefix.rstrip('/')}{path}",
         }
         try:
-            answer = httpx.get(f"{url}{prefix.rstrip('/')}/{entry['name']}", timeout=5)
+            answer = httpx.get(kind.status_url(url, prefix, entry["name"]), timeout=5)
             state.update(answer.json())
         except (httpx.HTTPError, ValueError) as exc:
             state["error"] = f"not answering: {exc}"
@@ -277,7 +311,7 @@ def follow_alias(
         previous = copy.deepcopy(apps)
         changed: dict[str, list[str]] = {}
         for app_name, app in apps.items():
-            if app.get("import_path") != MODEL_SERVER:
+            if app.get("import_path") not in MODEL_APPS:
                 continue
             routes = [
                 e["name"]
@@ -322,10 +356,11 @@ def _failure_path(app_name: str) -> str:
 def _confirm(url: str, apps: dict[str, Any], changed: dict[str, list[str]], version: str) -> None:
     """Every replica reached must serve the version (reconfigure keeps the old on failure)."""
     for app_name, routes in changed.items():
-        prefix = str(apps[app_name].get("route_prefix") or "/").rstrip("/")
+        prefix = str(apps[app_name].get("route_prefix") or "/")
+        kind = MODEL_APPS[str(apps[app_name]["import_path"])]
         for route in routes:
             for _ in range(8):  # several asks reach several replicas
-                answer = httpx.get(f"{url}{prefix}/{route}", timeout=10).json()
+                answer = httpx.get(kind.status_url(url, prefix, route), timeout=10).json()
                 failed = answer.get("failed_version")
                 if failed:
                     raise errors.DeployError(
@@ -349,9 +384,9 @@ def rollback(cluster: ClusterConfig, app_name: str) -> list[str]:
     if app_name not in apps:
         raise _unknown_app(app_name, list(apps))
     app = apps[app_name]
-    if app.get("import_path") != MODEL_SERVER:
+    if app.get("import_path") not in MODEL_APPS:
         raise errors.ConfigError(
-            f"Serve app '{app_name}' is not a model server; roll it back with its own config"
+            f"Serve app '{app_name}' serves no registered model; roll it back with its own config"
         )
     lines = []
     for entry in (app.get("args") or {}).get("models", []):
@@ -377,7 +412,7 @@ def apps_serving(cluster: ClusterConfig, name: str, version: str) -> list[str]:
         return []
     found = []
     for app_name, app in apps.items():
-        if app.get("import_path") != MODEL_SERVER:
+        if app.get("import_path") not in MODEL_APPS:
             continue
         pins = _pins(app)
         for entry in (app.get("args") or {}).get("models", []):

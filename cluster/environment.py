@@ -24,6 +24,8 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     env["AIAAS_CLUSTER_NAME"] = config.name
     # Model artifacts downloaded by replicas and jobs: kept with the cluster's temp files.
     env["AIAAS_MODEL_CACHE"] = str(cluster_dir(config) / "models")
+    # Models come from the registry, never from the Hugging Face hub (no internet either).
+    env.setdefault("HF_HUB_OFFLINE", "1")
     mlflow_url = config.mlflow_url()
     if mlflow_url:
         env["MLFLOW_TRACKING_URI"] = mlflow_url

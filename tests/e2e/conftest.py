@@ -131,3 +131,9 @@ def trained(digits: RunningCluster, tmp_path_factory: pytest.TempPathFactory) ->
     assert result.returncode == 0, result.stdout + result.stderr
     assert "registered lifecycle-mlp v1" in result.stdout, result.stdout
     return TrainedModel(digits, "lifecycle-mlp", "1")
+
+
+def serve_url(deploy_output: str) -> str:
+    """The address Serve answers on, as `aiaas serve deploy` printed it (Serve keeps the port
+    of the first deploy of a session)."""
+    return deploy_output.split("Serve: ", 1)[1].split()[0]

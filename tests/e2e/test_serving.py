@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests import support
-from tests.e2e.conftest import TrainedModel, aiaas_cli, mlflow_uri, storage_root
+from tests.e2e.conftest import TrainedModel, aiaas_cli, mlflow_uri, serve_url, storage_root
 
 
 @dataclass
@@ -67,8 +67,9 @@ def served(trained: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> I
     path = _serve_config(directory, port, f"{trained.name}@production")
     deployed = aiaas_cli(trained.cluster, "serve", "deploy", str(path))
     assert deployed.returncode == 0, deployed.stdout + deployed.stderr
-    assert f"POST http://127.0.0.1:{port}/v1/models/digits:predict" in deployed.stdout
-    served = Served(trained, f"http://127.0.0.1:{port}", path, port)
+    url = serve_url(deployed.stdout)
+    assert f"POST {url}/v1/models/digits:predict" in deployed.stdout
+    served = Served(trained, url, path, int(url.rsplit(":", 1)[1]))
     yield served
     for app in _apps(served):
         assert served.cli("serve", "delete", app).returncode == 0

@@ -1,0 +1,297 @@
+"""OpenAI-compatible embeddings on Ray Serve: registered sentence-transformers versions.
+
+``import_path: serve_apps.embeddings:build_app`` with ``route_prefix: /v1``:
+
+- ``POST /v1/embeddings`` with ``{"model": ..., "input": str | [str], "encoding_format":
+  "float" | "base64", "dimensions": n}`` → OpenAI's response shape, with token counts from the
+  model's own tokenizer
+- ``GET /v1/models`` → the models this app serves, in OpenAI's list shape (when the model
+  server is deployed beside it, ``/v1/models`` is the model server's route)
+- ``GET /v1/embeddings/{model}`` → readiness and the version being served
+
+Requests are batched across clients (``@serve.batch``); inputs over the model's token limit are
+refused unless the request asks for truncation (``"truncate": true``, an aiaas extension).
+Versions are pinned and switched in place like the model server's.
+"""
+
+# No `from __future__ import annotations`: Serve reads build_app's annotation to build Args.
+
+import asyncio
+import base64
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve import metrics
+
+from aiaas import api_keys, artifacts, errors, registry, serve_http
+from aiaas.storage import Storage
+
+logger = logging.getLogger("ray.serve")
+
+
+class Args(BaseModel):
+    """The app's arguments (the ``args:`` of its entry in a Serve config file)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: list[serve_http.ServedModel] = Field(
+        min_length=1, description="embedding models served; 'name' is the request's 'model'"
+    )
+    max_batch_size: int = Field(64, ge=1, le=1024, description="texts per batched forward pass")
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, le=1, description="longest wait for a batch to fill"
+    )
+    max_inputs: int = Field(256, ge=1, description="texts per request (more: 413)")
+    max_payload_bytes: int = Field(2_097_152, ge=1024, description="request body limit (413)")
+    api_keys_file: str | None = Field(
+        None, description="key file under the storage root; when set, calls need a Bearer key"
+    )
+    threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
+
+
+@dataclass
+class Loaded:
+    """An embedding version loaded in this replica."""
+
+    version: str
+    embedder: artifacts.Embedder
+    created: int
+
+
+app = FastAPI(title="aiaas embeddings", docs_url=None, redoc_url=None)
+serve_http.install_error_handlers(app)
+
+
+@serve.deployment(name="Embeddings", max_ongoing_requests=64)
+@serve.ingress(app)
+class Embeddings:
+    """Serves the embedding models of :class:`Args`, batching texts across requests."""
+
+    def __init__(self, args: Args) -> None:
+        self.args = args
+        self.entries = {entry.name: registry.parse_ref(entry.model) for entry in args.models}
+        self.models: dict[str, Loaded] = {}
+        self.failed: dict[str, dict[str, str]] = {}
+        for name, ref in self.entries.items():
+            self.models[name] = self._load(registry.resolve(ref))
+        self.keys = (
+            api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
+            if args.api_keys_file
+            else None
+        )
+        batcher: Any = self.embed_batch  # type: ignore[misc]
+        batcher.set_max_batch_size(args.max_batch_size)
+        batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
+        self.requests = metrics.Counter(
+            "aiaas_embeddings_requests",
+            description="Embedding requests by model, version and HTTP status code.",
+            tag_keys=("model", "version", "code"),  # type: ignore[arg-type]
+        )
+        self.tokens = metrics.Counter(
+            "aiaas_embeddings_tokens",
+            description="Tokens embedded, by model.",
+            tag_keys=("model",),
+        )
+        self.batch_sizes = metrics.Histogram(
+            "aiaas_embeddings_batch_size",
+            description="Texts per executed batch.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
+            tag_keys=("model",),
+        )
+
+    def _load(self, version: registry.Version) -> Loaded:
+        embedder = artifacts.load_embedder(version, threads=self.args.threads)
+        embedder.encode(["warm up"])  # the first call pays for lazy initialisation
+        return Loaded(version.version, embedder, int(version.created))
+
+    def _load_ref(self, ref: registry.ModelRef) -> Loaded:
+        return self._load(registry.resolve(ref))
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Switch to pinned versions: load beside the old one, then swap (as the model server)."""
+        for name, version in serve_http.pins(user_config).items():
+            current = self.models.get(name)
+            if name not in self.entries or (current is not None and current.version == version):
+                self.failed.pop(name, None)
+                continue
+            ref = registry.ModelRef(self.entries[name].name, version=version)
+            try:
+                loaded = await asyncio.to_thread(self._load_ref, ref)
+            except Exception as exc:  # any load failure: keep serving what works
+                message = exc.message if isinstance(exc, errors.AiaasError) else str(exc)
+                self.failed[name] = {"version": version, "error": message[:500]}
+                logger.error("model %s version %s failed to load: %s", name, version, exc)
+                if current is None:
+                    raise
+                continue
+            self.models[name] = loaded
+            self.failed.pop(name, None)
+
+    @app.get("/models")
+    async def list_models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": loaded.created,
+                    "owned_by": "aiaas",
+                    "version": loaded.version,
+                    "dimensions": loaded.embedder.dimension,
+                    "max_input_tokens": loaded.embedder.max_tokens,
+                    **({"failed_version": self.failed[name]} if name in self.failed else {}),
+                }
+                for name, loaded in self.models.items()
+            ],
+        }
+
+    # Not under /models: beside the model server (route /v1/models) that path would be its.
+    @app.get("/embeddings/{name}")
+    async def model_status(self, name: str) -> dict[str, Any]:
+        loaded = self._model(name)
+        status = {
+            "name": name,
+            "model": str(self.entries[name]),
+            "ready": True,
+            "version": loaded.version,
+            "format": loaded.embedder.format,
+        }
+        if name in self.failed:
+            status["failed_version"] = self.failed[name]
+        return status
+
+    @app.post("/embeddings")
+    async def embeddings(self, request: Request) -> dict[str, Any]:
+        code, name, version = "200", "?", "?"
+        try:
+            if self.keys is not None:
+                self.keys.check(request.headers.get("authorization"))
+            body = await serve_http.json_body(request, self.args.max_payload_bytes)
+            if not isinstance(body, dict):
+                raise serve_http.ApiError(400, "invalid_request", "the body must be a JSON object")
+            name = str(body.get("model") or "")
+            loaded = self._model(name)
+            version = loaded.version
+            texts = self._texts(body.get("input"))
+            counts = loaded.embedder.token_counts(texts)
+            too_long = [i for i, n in enumerate(counts) if n > loaded.embedder.max_tokens]
+            if too_long and body.get("truncate") is not True:
+                raise serve_http.ApiError(
+                    400,
+                    "input_too_long",
+                    f"input {too_long[0]} has {counts[too_long[0]]} tokens; {name} takes at most "
+                    f'{loaded.embedder.max_tokens} (send "truncate": true to cut longer inputs)',
+                    "input",
+                )
+            dimensions = body.get("dimensions")
+            if dimensions is not None and dimensions != loaded.embedder.dimension:
+                raise serve_http.ApiError(
+                    400,
+                    "unsupported_dimensions",
+                    f"{name} makes {loaded.embedder.dimension}-dimensional embeddings and cannot "
+                    f"shorten them; omit 'dimensions' or send {loaded.embedder.dimension}",
+                    "dimensions",
+                )
+            encoding = body.get("encoding_format") or "float"
+            if encoding not in ("float", "base64"):
+                raise serve_http.ApiError(
+                    400,
+                    "invalid_encoding_format",
+                    "encoding_format must be 'float' or 'base64'",
+                    "encoding_format",
+                )
+            batcher: Any = self.embed_batch  # type: ignore[misc]
+            vectors, version = await batcher(name, texts)
+            tokens = sum(min(n, loaded.embedder.max_tokens) for n in counts)
+            self.tokens.inc(tokens, tags={"model": name})
+            return {
+                "object": "list",
+                "data": [
+                    {"object": "embedding", "index": i, "embedding": self._encode(vector, encoding)}
+                    for i, vector in enumerate(vectors)
+                ],
+                "model": name,
+                "version": version,
+                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+            }
+        except (serve_http.ApiError, api_keys.Denied) as exc:
+            code = str(exc.status)
+            raise
+        finally:
+            self.requests.inc(tags={"model": name, "version": version, "code": code})
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
+    async def embed_batch(  # type: ignore[misc]
+        self, names: list[str], texts: list[list[str]]
+    ) -> list[tuple[np.ndarray, str]]:
+        results: list[tuple[np.ndarray, str]] = [(np.empty((0, 0)), "")] * len(names)
+        for name in set(names):
+            loaded = self.models[name]
+            members = [i for i, n in enumerate(names) if n == name]
+            flat = [text for i in members for text in texts[i]]
+            # One forward pass for every request's texts: the model sees one big batch.
+            vectors = await asyncio.to_thread(loaded.embedder.encode, flat)
+            self.batch_sizes.observe(len(members), tags={"model": name})
+            offset = 0
+            for i in members:
+                size = len(texts[i])
+                results[i] = (vectors[offset : offset + size], loaded.version)
+                offset += size
+        return results
+
+    @staticmethod
+    def _encode(vector: np.ndarray, encoding: str) -> Any:
+        # A method, not a module function: the ingress class reaches replicas by value.
+        if encoding == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        return vector.tolist()
+
+    def _model(self, name: str) -> Loaded:
+        loaded = self.models.get(name)
+        if loaded is None:
+            raise serve_http.ApiError(
+                404,
+                "model_not_found",
+                f"no model '{name}' here; served: {', '.join(self.entries)}",
+                "model",
+            )
+        return loaded
+
+    def _texts(self, value: Any) -> list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not isinstance(texts, list) or not texts:
+            raise serve_http.ApiError(
+                400,
+                "invalid_input",
+                "'input' must be a string or a non-empty list of strings",
+                "input",
+            )
+        if not all(isinstance(text, str) for text in texts):
+            raise serve_http.ApiError(
+                400,
+                "invalid_input",
+                "every input must be a string (token arrays are not supported)",
+                "input",
+            )
+        if any(not text for text in texts):
+            raise serve_http.ApiError(400, "invalid_input", "inputs must not be empty", "input")
+        if len(texts) > self.args.max_inputs:
+            raise serve_http.ApiError(
+                413,
+                "too_many_inputs",
+                f"{len(texts)} inputs; at most {self.args.max_inputs} per request",
+                "input",
+            )
+        return texts
+
+
+def build_app(args: Args) -> serve.Application:
+    """The Serve application for ``args`` (what ``import_path`` names)."""
+    return Embeddings.bind(args)  # type: ignore[attr-defined]
