@@ -19,6 +19,9 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     }
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray code that finds "the" cluster by itself (the state API, e.g. Ray Train's placement
+    # group cleaner) fails when several clusters run on one machine: name ours.
+    env["RAY_ADDRESS"] = f"127.0.0.1:{config.ports.gcs}"
     env["RAY_AUTH_MODE"] = config.auth_mode
     env["AIAAS_STORAGE_ROOT"] = config.storage_root
     env["AIAAS_CLUSTER_NAME"] = config.name
