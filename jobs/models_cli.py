@@ -261,7 +261,8 @@ def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> N
         return
     uri = target.registry_uri(target.load_cluster(cluster_path))
     registered = registration.import_sentence_transformer(name, source)
-    click.echo(f"Registered {registered.name} version {registered.version} from {source} ({uri})")
+    verb = "Already registered as" if registered.already else "Registered"
+    click.echo(f"{verb} {registered.name} version {registered.version} from {source} ({uri})")
     console.next_steps(
         [
             f"aiaas models promote {registered.name} {registered.version}",

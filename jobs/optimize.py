@@ -24,7 +24,7 @@ from aiaas import artifacts, datasets, errors, registration, registry
 from aiaas.config import loader
 from aiaas.config.optimize import OptimizeConfig
 from aiaas.storage import Storage
-from jobs import evaluation, records
+from jobs import entrypoint, evaluation, records
 
 PROGRESS = "aiaas-progress"
 
@@ -34,7 +34,7 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
 
     Raises:
         ConfigError: Unknown parent, a method that does not apply, a data set that is gone.
-        GateFailed: The optimized model misses the gate; nothing is registered.
+        entrypoint.GateFailed: The optimized model misses the gate; nothing is registered.
     """
     storage = Storage(storage_root)
     parent = registry.resolve(config.parent, with_run=True)
@@ -69,7 +69,7 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
     report["gate"] = "failed: " + "; ".join(broken) if broken else "passed"
     run_id = _log_run(config, parent, report, job_id)
     if broken:
-        raise GateFailed(
+        raise entrypoint.GateFailed(
             f"optimize gate failed: {'; '.join(broken)}; nothing was registered", report
         )
     lineage = {
@@ -95,14 +95,6 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
         )
     report["registered"] = {"model": registered.name, "version": registered.version}
     return report
-
-
-class GateFailed(errors.JobError):
-    """The optimized model missed its gate."""
-
-    def __init__(self, message: str, report: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 def _measure(
@@ -231,7 +223,7 @@ def run(config: OptimizeConfig) -> dict[str, Any]:
         # Our errors come back as data: their hints and gate reports survive the trip.
         error = outcome["error"]
         if error["report"] is not None:
-            raise GateFailed(error["message"], error["report"])
+            raise entrypoint.GateFailed(error["message"], error["report"])
         raise errors.JobError(error["message"], error["hint"])
     return dict(outcome["report"])
 
@@ -240,7 +232,7 @@ def _optimize_task(config: OptimizeConfig, job_id: str, root: str) -> dict[str, 
     try:
         return {"report": optimize(config, job_id, root)}
     except errors.AiaasError as exc:
-        report = exc.report if isinstance(exc, GateFailed) else None
+        report = exc.outcome if isinstance(exc, entrypoint.GateFailed) else None
         return {"error": {"message": exc.message, "hint": exc.hint, "report": report}}
 
 
@@ -250,34 +242,24 @@ def main(argv: list[str]) -> int:
         print("usage: python -m jobs.optimize CONFIG", file=sys.stderr)
         return 2
     config_path = Path(argv[0])
-    try:
+    config: OptimizeConfig | None = None
+
+    def work() -> dict[str, Any]:
+        nonlocal config
         config = loader.load(config_path, OptimizeConfig)
-        report = run(config)
-    except GateFailed as exc:
-        _record(config_path, {**exc.report, "error": exc.message}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    except errors.AiaasError as exc:
-        _record(config_path, {"error": str(exc)}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    _record(config_path, report, "SUCCEEDED")
-    registered = report["registered"]
-    print(
-        f"Registered {registered['model']} version {registered['version']} "
-        f"({config.method} of {config.model}: accuracy {report['accuracy_delta_points']:+.2f} "
-        f"points, single-request latency {report['latency_ratio_single']:.2f}x, batched "
-        f"throughput {report['throughput_ratio_batched']:.2f}x)"
-    )
-    return 0
+        return run(config)
 
-
-def _record(config_path: Path, outcome: dict[str, Any], status: str) -> None:
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if root:
-        records.save_outcome(
-            Storage(root), records.current_job_id(), "optimize", config_path, outcome, status
+    code, report = entrypoint.run_job("optimize", config_path, work)
+    if report and config is not None:
+        registered = report["registered"]
+        print(
+            f"Registered {registered['model']} version {registered['version']} "
+            f"({config.method} of {config.model}: accuracy "
+            f"{report['accuracy_delta_points']:+.2f} points, single-request latency "
+            f"{report['latency_ratio_single']:.2f}x, batched throughput "
+            f"{report['throughput_ratio_batched']:.2f}x)"
         )
+    return code
 
 
 if __name__ == "__main__":

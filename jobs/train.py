@@ -24,7 +24,7 @@ from aiaas import datasets, errors, placement, registration, registry
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
 from aiaas.storage import Storage
-from jobs import evaluation, records
+from jobs import entrypoint, evaluation, records
 
 PROGRESS = "aiaas-progress"
 READ_TASK_CPUS = 0.25
@@ -269,7 +269,7 @@ def evaluate_and_register(
     """Evaluate a checkpoint on the test split; log the run and register it if the gate holds.
 
     Raises:
-        GateFailed: The gate does not hold; nothing is registered.
+        entrypoint.GateFailed: The gate does not hold; nothing is registered.
     """
     model = evaluation.load_model(config, schema, best)
     test = evaluation.evaluate(model, storage, config, schema)
@@ -295,7 +295,7 @@ def evaluate_and_register(
     broken = config.registration.failures(test)
     if broken:
         outcome["gate"] = "failed: " + "; ".join(broken)
-        raise GateFailed(
+        raise entrypoint.GateFailed(
             f"registration gate failed: {'; '.join(broken)}; nothing was registered",
             outcome,
         )
@@ -323,50 +323,23 @@ def evaluate_and_register(
     return outcome
 
 
-class GateFailed(errors.JobError):
-    """The trained model missed its registration gate."""
-
-    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.outcome = outcome
-
-
 def main(argv: list[str]) -> int:
     """Entry point of ``python -m jobs.train CONFIG``."""
     if len(argv) != 1:
         print("usage: python -m jobs.train CONFIG", file=sys.stderr)
         return 2
     config_path = Path(argv[0])
-    try:
-        config = loader.load(config_path, TrainConfig)
-        outcome = run(config, config_path)
-    except GateFailed as exc:
-        _record(config_path, {**exc.outcome, "error": exc.message}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    except errors.AiaasError as exc:
-        _record(config_path, {"error": str(exc)}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    _record(config_path, outcome, "SUCCEEDED")
-    registered = outcome.get("registered")
-    if registered:
+    code, outcome = entrypoint.run_job(
+        "train", config_path, lambda: run(loader.load(config_path, TrainConfig), config_path)
+    )
+    registered = (outcome or {}).get("registered")
+    if outcome and registered:
         verb = "Already registered as" if registered.get("already") else "Registered"
         print(
             f"{verb} {registered['model']} version {registered['version']} "
             f"(test accuracy {outcome['test']['accuracy']:.4f})"
         )
-    return 0
-
-
-def _record(config_path: Path, outcome: dict[str, Any], status: str) -> None:
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if not root:
-        return  # run outside an aiaas cluster: nowhere to keep records
-    # Asked only now: after ray.init the id of a job submitted with Ray's own CLI is known.
-    records.save_outcome(
-        Storage(root), records.current_job_id(), "train", config_path, outcome, status
-    )
+    return code
 
 
 def _read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:

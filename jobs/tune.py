@@ -20,7 +20,7 @@ from aiaas.config import loader
 from aiaas.config.train import TrainConfig
 from aiaas.config.tune import TuneConfig, apply
 from aiaas.storage import Storage
-from jobs import records, train
+from jobs import entrypoint, train
 
 PROGRESS = train.PROGRESS
 
@@ -245,33 +245,18 @@ def main(argv: list[str]) -> int:
         print("usage: python -m jobs.tune CONFIG [--resume]", file=sys.stderr)
         return 2
     config_path = Path(args[0])
-    try:
-        config = loader.load(config_path, TuneConfig)
-        outcome = run(config, config_path, resume="--resume" in argv)
-    except train.GateFailed as exc:
-        _record(config_path, {**exc.outcome, "error": exc.message}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    except errors.AiaasError as exc:
-        _record(config_path, {"error": str(exc)}, "FAILED")
-        print(f"Error: {exc}", file=sys.stderr)
-        return 1
-    _record(config_path, outcome, "SUCCEEDED")
-    registered = outcome.get("registered")
-    if registered:
+    code, outcome = entrypoint.run_job(
+        "tune",
+        config_path,
+        lambda: run(loader.load(config_path, TuneConfig), config_path, "--resume" in argv),
+    )
+    registered = (outcome or {}).get("registered")
+    if outcome and registered:
         print(
             f"Registered {registered['model']} version {registered['version']} from trial "
             f"{outcome['best_trial']} (test accuracy {outcome['test']['accuracy']:.4f})"
         )
-    return 0
-
-
-def _record(config_path: Path, outcome: dict[str, Any], status: str) -> None:
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if root:
-        records.save_outcome(
-            Storage(root), records.current_job_id(), "tune", config_path, outcome, status
-        )
+    return code
 
 
 if __name__ == "__main__":

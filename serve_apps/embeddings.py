@@ -18,6 +18,7 @@ Versions are pinned and switched in place like the model server's.
 
 import asyncio
 import base64
+import concurrent.futures
 import logging
 import os
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
-from aiaas import api_keys, artifacts, errors, registry, serve_http
+from aiaas import api_keys, artifacts, registry, serve_http
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -75,11 +76,10 @@ class Embeddings:
 
     def __init__(self, args: Args) -> None:
         self.args = args
-        self.entries = {entry.name: registry.parse_ref(entry.model) for entry in args.models}
-        self.models: dict[str, Loaded] = {}
-        self.failed: dict[str, dict[str, str]] = {}
-        for name, ref in self.entries.items():
-            self.models[name] = self._load(registry.resolve(ref))
+        # One thread runs every tokenizer and model call: Hugging Face's fast tokenizers fail
+        # ("Already borrowed") when two threads use one at once.
+        self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "embeddings-model")
+        self.slots = serve_http.Slots(args.models, self._load)
         self.keys = (
             api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
             if args.api_keys_file
@@ -110,28 +110,9 @@ class Embeddings:
         embedder.encode(["warm up"])  # the first call pays for lazy initialisation
         return Loaded(version.version, embedder, int(version.created))
 
-    def _load_ref(self, ref: registry.ModelRef) -> Loaded:
-        return self._load(registry.resolve(ref))
-
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to pinned versions: load beside the old one, then swap (as the model server)."""
-        for name, version in serve_http.pins(user_config).items():
-            current = self.models.get(name)
-            if name not in self.entries or (current is not None and current.version == version):
-                self.failed.pop(name, None)
-                continue
-            ref = registry.ModelRef(self.entries[name].name, version=version)
-            try:
-                loaded = await asyncio.to_thread(self._load_ref, ref)
-            except Exception as exc:  # any load failure: keep serving what works
-                message = exc.message if isinstance(exc, errors.AiaasError) else str(exc)
-                self.failed[name] = {"version": version, "error": message[:500]}
-                logger.error("model %s version %s failed to load: %s", name, version, exc)
-                if current is None:
-                    raise
-                continue
-            self.models[name] = loaded
-            self.failed.pop(name, None)
+        await self.slots.apply(user_config)
 
     @app.get("/models")
     async def list_models(self) -> dict[str, Any]:
@@ -146,25 +127,29 @@ class Embeddings:
                     "version": loaded.version,
                     "dimensions": loaded.embedder.dimension,
                     "max_input_tokens": loaded.embedder.max_tokens,
-                    **({"failed_version": self.failed[name]} if name in self.failed else {}),
+                    **(
+                        {"failed_version": self.slots.failed[name]}
+                        if name in self.slots.failed
+                        else {}
+                    ),
                 }
-                for name, loaded in self.models.items()
+                for name, loaded in self.slots.loaded.items()
             ],
         }
 
     # Not under /models: beside the model server (route /v1/models) that path would be its.
     @app.get("/embeddings/{name}")
     async def model_status(self, name: str) -> dict[str, Any]:
-        loaded = self._model(name)
+        loaded = self.slots.get(name)
         status = {
             "name": name,
-            "model": str(self.entries[name]),
+            "model": str(self.slots.entries[name]),
             "ready": True,
             "version": loaded.version,
             "format": loaded.embedder.format,
         }
-        if name in self.failed:
-            status["failed_version"] = self.failed[name]
+        if name in self.slots.failed:
+            status["failed_version"] = self.slots.failed[name]
         return status
 
     @app.post("/embeddings")
@@ -177,10 +162,10 @@ class Embeddings:
             if not isinstance(body, dict):
                 raise serve_http.ApiError(400, "invalid_request", "the body must be a JSON object")
             name = str(body.get("model") or "")
-            loaded = self._model(name)
+            loaded = self.slots.get(name)
             version = loaded.version
             texts = self._texts(body.get("input"))
-            counts = loaded.embedder.token_counts(texts)
+            counts = await self._in_model_thread(loaded.embedder.token_counts, texts)
             too_long = [i for i, n in enumerate(counts) if n > loaded.embedder.max_tokens]
             if too_long and body.get("truncate") is not True:
                 raise serve_http.ApiError(
@@ -233,11 +218,11 @@ class Embeddings:
     ) -> list[tuple[np.ndarray, str]]:
         results: list[tuple[np.ndarray, str]] = [(np.empty((0, 0)), "")] * len(names)
         for name in set(names):
-            loaded = self.models[name]
+            loaded = self.slots.loaded[name]
             members = [i for i, n in enumerate(names) if n == name]
             flat = [text for i in members for text in texts[i]]
             # One forward pass for every request's texts: the model sees one big batch.
-            vectors = await asyncio.to_thread(loaded.embedder.encode, flat)
+            vectors = await self._in_model_thread(loaded.embedder.encode, flat)
             self.batch_sizes.observe(len(members), tags={"model": name})
             offset = 0
             for i in members:
@@ -246,23 +231,15 @@ class Embeddings:
                 offset += size
         return results
 
+    async def _in_model_thread(self, function: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self.model_thread, function, *args)
+
     @staticmethod
     def _encode(vector: np.ndarray, encoding: str) -> Any:
         # A method, not a module function: the ingress class reaches replicas by value.
         if encoding == "base64":
             return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
         return vector.tolist()
-
-    def _model(self, name: str) -> Loaded:
-        loaded = self.models.get(name)
-        if loaded is None:
-            raise serve_http.ApiError(
-                404,
-                "model_not_found",
-                f"no model '{name}' here; served: {', '.join(self.entries)}",
-                "model",
-            )
-        return loaded
 
     def _texts(self, value: Any) -> list[str]:
         texts = [value] if isinstance(value, str) else value

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve import metrics
 
-from aiaas import api_keys, artifacts, errors, registry, serve_http
+from aiaas import api_keys, artifacts, registry, serve_http
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -80,12 +80,8 @@ class ModelServer:
 
     def __init__(self, args: Args) -> None:
         self.args = args
-        self.entries = {entry.name: registry.parse_ref(entry.model) for entry in args.models}
-        self.models: dict[str, Loaded] = {}
-        self.failed: dict[str, dict[str, str]] = {}
         self.pending = 0
-        for name, ref in self.entries.items():
-            self.models[name] = self._load(registry.resolve(ref))
+        self.slots = serve_http.Slots(args.models, self._load)
         # Methods of an ingress class travel by value: helpers they use live on the class or
         # in importable modules, never as this module's private functions.
         self.keys = (
@@ -127,45 +123,23 @@ class ModelServer:
             predictor.predict(np.zeros((1, features), dtype=np.float32))
         return Loaded(version.version, predictor, features, time.time())
 
-    def _load_ref(self, ref: registry.ModelRef) -> Loaded:
-        return self._load(registry.resolve(ref))
-
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to the pinned versions: load beside the old one, then swap."""
-        for name, version in serve_http.pins(user_config).items():
-            if name not in self.entries:
-                continue
-            current = self.models.get(name)
-            if current is not None and current.version == version:
-                self.failed.pop(name, None)
-                continue
-            ref = registry.ModelRef(self.entries[name].name, version=version)
-            try:
-                loaded = await asyncio.to_thread(self._load_ref, ref)
-            except Exception as exc:  # any load failure: keep serving what works
-                message = exc.message if isinstance(exc, errors.AiaasError) else str(exc)
-                self.failed[name] = {"version": version, "error": message[:500]}
-                logger.error("model %s version %s failed to load: %s", name, version, exc)
-                if current is None:
-                    raise
-                continue
-            self.models[name] = loaded
-            self.failed.pop(name, None)
-            logger.info("model %s now serves version %s", name, version)
+        await self.slots.apply(user_config)
 
     @app.get("/")
     async def list_models(self) -> dict[str, Any]:
-        return {"models": [self._status(name) for name in self.entries]}
+        return {"models": [self._status(name) for name in self.slots.entries]}
 
     @app.get("/{name}")
     async def model_status(self, name: str) -> dict[str, Any]:
-        self._model(name)
+        self.slots.get(name)
         return self._status(name)
 
     @app.post("/{name}:predict")
     async def predict(self, name: str, request: Request) -> Any:
         started = time.perf_counter()
-        loaded = self._model(name)
+        loaded = self.slots.get(name)
         code = "200"
         try:
             if self.keys is not None:
@@ -205,7 +179,7 @@ class ModelServer:
         for name in set(names):
             # Requests for one model run as one call; the version is read once so every
             # answer of the batch names the version that produced it.
-            loaded = self.models[name]
+            loaded = self.slots.loaded[name]
             members = [i for i, n in enumerate(names) if n == name]
             stacked = np.concatenate([batches[i] for i in members])
             classes = loaded.predictor.predict(stacked).argmax(axis=1).tolist()
@@ -217,26 +191,18 @@ class ModelServer:
                 offset += size
         return results
 
-    def _model(self, name: str) -> Loaded:
-        loaded = self.models.get(name)
-        if loaded is None:
-            raise serve_http.ApiError(
-                404, "model_not_found", f"no model '{name}' here; served: {', '.join(self.entries)}"
-            )
-        return loaded
-
     def _status(self, name: str) -> dict[str, Any]:
-        loaded = self.models.get(name)
+        loaded = self.slots.loaded.get(name)
         status: dict[str, Any] = {
             "name": name,
-            "model": str(self.entries[name]),
+            "model": str(self.slots.entries[name]),
             "ready": loaded is not None,
             "version": loaded.version if loaded else None,
             "format": loaded.predictor.format if loaded else None,
             "input_shape": list(loaded.predictor.input_shape or ()) if loaded else None,
         }
-        if name in self.failed:
-            status["failed_version"] = self.failed[name]
+        if name in self.slots.failed:
+            status["failed_version"] = self.slots.failed[name]
         return status
 
     async def _instances(self, request: Request, loaded: Loaded) -> np.ndarray:

@@ -134,3 +134,63 @@ def test_serve_files_are_checked_against_the_apps_args(tmp_path: Path) -> None:
         "  • applications[0].args.max_batch_sise (line 7): unknown field; did you mean "
         "'max_batch_size'?"
     )
+
+
+def test_tune_configs_name_each_bad_search(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        kind: tune
+        name: t
+        train: configs/train/tiny/digits_mlp.yaml
+        search_space:
+          optimizer.lr: {loguniform: [0.01, 0.001]}
+          optimizer.learning_rate: {uniform: [0.1, 0.2]}
+          batch_size: {choice: []}
+          model.dropout: {uniform: [0.1, 0.2], choice: [0.1]}
+        metric: f1
+        """,
+    )
+    with pytest.raises(errors.ConfigError) as caught:
+        loader.load(path)
+    message = str(caught.value)
+    assert (
+        "• search_space.optimizer.lr (line 5): loguniform range [0.01, 0.001] is empty or "
+        "inverted; use low < high" in message
+    )
+    assert "• search_space.batch_size (line 7): choice needs at least one value" in message
+    assert (
+        "give exactly one of uniform, loguniform, randint, choice, grid (got uniform, "
+        "choice)" in message
+    )
+    assert (
+        "• metric (line 9): the training job never reports 'f1'; use one of val_accuracy, "
+        "val_loss, train_loss, train_accuracy" in message
+    )
+
+
+def test_tune_search_paths_must_be_train_fields(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path,
+        """\
+        kind: tune
+        name: t
+        train: configs/train/tiny/digits_mlp.yaml
+        search_space:
+          optimizer.learning_rate: {uniform: [0.1, 0.2]}
+        """,
+    )
+    with pytest.raises(errors.ConfigError) as caught:
+        loader.load(path)
+    assert "'optimizer.learning_rate': optimizer has no field 'learning_rate'" in str(caught.value)
+
+
+def test_tune_values_are_set_at_their_paths() -> None:
+    from aiaas.config.tune import apply
+
+    base = {"optimizer": {"lr": 0.1, "name": "adam"}, "epochs": 3}
+    assert apply(base, {"optimizer.lr": 0.5, "epochs": 9}) == {
+        "optimizer": {"lr": 0.5, "name": "adam"},
+        "epochs": 9,
+    }
+    assert base["optimizer"]["lr"] == 0.1  # the base is left alone

@@ -1,0 +1,50 @@
+"""What every job's ``main`` shares: run the work, keep its outcome with the job's record under
+the storage root, and end with ``Error: ...`` and exit 1 on a failure we can explain."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiaas import errors
+from aiaas.storage import Storage
+from jobs import records
+
+
+class GateFailed(errors.JobError):
+    """A model missed its gate; ``outcome`` holds the measurements that say by how much."""
+
+    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
+def run_job(
+    kind: str, config_path: Path, work: Callable[[], dict[str, Any]]
+) -> tuple[int, dict[str, Any] | None]:
+    """Run ``work``; returns the exit code and, on success, the outcome."""
+    try:
+        outcome = work()
+    except GateFailed as exc:
+        record(kind, config_path, {**exc.outcome, "error": exc.message}, "FAILED")
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1, None
+    except errors.AiaasError as exc:
+        record(kind, config_path, {"error": str(exc)}, "FAILED")
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1, None
+    record(kind, config_path, outcome, "SUCCEEDED")
+    return 0, outcome
+
+
+def record(kind: str, config_path: Path, outcome: dict[str, Any], status: str) -> None:
+    """Keep the job's outcome (nowhere to keep it outside an aiaas cluster)."""
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    if root:
+        # Asked only now: after ray.init the id of a job submitted with Ray's CLI is known.
+        records.save_outcome(
+            Storage(root), records.current_job_id(), kind, config_path, outcome, status
+        )
