@@ -80,6 +80,12 @@ def rollback(name: str, alias: str = "production", uri: str | None = None) -> Mo
     return _move(name, alias, target, holder(name, alias, uri), "rollback", uri)
 
 
+def move_back(name: str, alias: str, version: str, uri: str | None = None) -> Move:
+    """Point ``alias`` back at ``version`` after a switch that did not take (recorded as a
+    rollback)."""
+    return _move(name, alias, version, holder(name, alias, uri), "rollback", uri)
+
+
 def history(name: str, alias: str | None = None, uri: str | None = None) -> list[Move]:
     """Every recorded move of the model's aliases (or of one alias), oldest first."""
     model = registry.client(uri).get_registered_model(name)

@@ -339,8 +339,19 @@ def follow_alias(
                 Storage(cluster.storage_root).write_text(
                     _failure_path(app_name), json.dumps(record)
                 )
-            if aliases.holder(name, alias, cluster.mlflow_url()) == version:
-                aliases.rollback(name, alias, cluster.mlflow_url())
+            served_before = next(
+                (
+                    _pins(previous[app]).get(route)
+                    for app, routes in changed.items()
+                    for route in routes
+                    if _pins(previous[app]).get(route)
+                ),
+                None,
+            )
+            uri = cluster.mlflow_url()
+            if served_before and aliases.holder(name, alias, uri) == version:
+                # Registry and serving agree again: the alias points where traffic goes.
+                aliases.move_back(name, alias, served_before, uri)
             raise errors.DeployError(
                 f"{exc.message}; the apps went back to the versions they served and "
                 f"{reference} was rolled back",
