@@ -44,6 +44,8 @@ aliases.promote("bench-mlp", done.version)
 
 # Ray Serve as its docs show it, nothing tuned: one deployment, FastAPI ingress, defaults.
 _SERVE_DEFAULT = """
+import sys
+sys.path.insert(0, WORKING_DIR)
 import ray
 from fastapi import FastAPI, Request
 from ray import serve
@@ -108,7 +110,12 @@ def _app_config(port: int, name: str, prefix: str, **args: Any) -> dict[str, Any
                 "import_path": "serve_apps.model_server:build_app",
                 "args": {"models": [{"name": "digits", "model": f"{MODEL}@production"}], **args},
                 "deployments": [
-                    {"name": "ModelServer", "num_replicas": 1, "max_ongoing_requests": 128}
+                    {
+                        "name": "ModelServer",
+                        "num_replicas": 1,
+                        "max_ongoing_requests": 128,
+                        "ray_actor_options": {"num_cpus": 0.25},
+                    }
                 ],
             }
         ],
@@ -146,7 +153,7 @@ class Bench:
             raise RuntimeError(f"aiaas {' '.join(args)}: {result.stdout}{result.stderr}")
 
     def start(self, aiaas_apps: bool) -> None:
-        self.aiaas("cluster", "up")
+        support.run("aiaas", "cluster", "up", str(self.config), timeout=600).check_returncode()
         subprocess.run(
             [sys.executable, "-c", _REGISTER],
             env=self.env(),
@@ -174,9 +181,11 @@ class Bench:
         script = _SERVE_DEFAULT.replace("WORKING_DIR", repr(str(staged)))
         script = script.replace("PORT", str(self.port))
         env = {**self.env(), "RAY_ADDRESS": self.gcs}
-        subprocess.run(
-            [sys.executable, "-c", script], env=env, check=True, capture_output=True, timeout=300
+        done = subprocess.run(
+            [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
         )
+        if done.returncode != 0:
+            raise RuntimeError(f"deploying Ray Serve's reference failed: {done.stderr[-2000:]}")
         _wait_ok(f"http://127.0.0.1:{self.port}/ref/digits:predict")
 
     def _start_fastapi(self) -> None:
@@ -290,6 +299,8 @@ def run() -> list[dict[str, Any]]:
         reference.start(aiaas_apps=False)
         ours.start(aiaas_apps=True)
         found = _measure(_urls(ours, reference))
+        for (target, clients), runs in sorted(found.items()):
+            print(f"  {target:<16} {clients:>2} clients: {runs}", flush=True)
         shipped = yaml.safe_load((support.REPO / "configs/serve/digits.yaml").read_text())
         scaling = shipped["applications"][0]["deployments"][0]["autoscaling_config"]
         scale_ours = [_autoscaling(ours, scaling, f"scale-aiaas-{i}", 60) for i in range(ROUNDS)]
