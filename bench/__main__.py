@@ -7,7 +7,12 @@ import sys
 
 from bench import report
 
-BENCHMARKS = ["bench.cluster_startup", "bench.serving"]
+BENCHMARKS = [
+    "bench.cluster_startup",
+    "bench.serving",
+    "bench.embeddings",
+    "bench.training_loop",
+]
 
 
 def main() -> int:

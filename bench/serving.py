@@ -71,7 +71,7 @@ serve.run(Reference.bind(), name="serve-default", route_prefix="/ref", blocking=
 """
 
 
-def _wrk(url: str, clients: int, seconds: int = SECONDS) -> dict[str, float]:
+def _wrk(url: str, clients: int, seconds: int = SECONDS, script: Path = LUA) -> dict[str, float]:
     out = subprocess.run(
         [
             "wrk",
@@ -81,7 +81,7 @@ def _wrk(url: str, clients: int, seconds: int = SECONDS) -> dict[str, float]:
             "--timeout",
             "10s",
             "-s",
-            str(LUA),
+            str(script),
             url,
         ],
         capture_output=True,

@@ -172,7 +172,7 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     import ray.train
 
     storage, schema = prepare(config, config_path)
-    splits = _read_splits(config, storage)
+    splits = read_splits(config, storage)
     trainer = build_trainer(config, schema, splits, storage, run_name=config.name)
     started = time.perf_counter()
     try:
@@ -342,7 +342,9 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def _read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:
+def read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:
+    """The train and validation splits as Ray Datasets, read into the object store once when
+    ``cache_data`` is on (a tune search shares them across its trials)."""
     import pyarrow
     import ray.data
 

@@ -72,7 +72,7 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
     base = loader.load(config.train, TrainConfig)
     first = trial_config(config, base, {})
     storage, schema = train.prepare(first, config_path)
-    splits = train._read_splits(first, storage)
+    splits = train.read_splits(first, storage)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,

@@ -1,0 +1,14 @@
+-- wrk script: POST one sentence to the OpenAI-compatible embeddings route of the target.
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"model": "all-MiniLM-L6-v2", "input": ["Ray Serve batches requests from many clients into one forward pass."]}'
+
+local failed = 0
+response = function(status, headers, body)
+  if status ~= 200 then failed = failed + 1 end
+end
+done = function(summary, latency, requests)
+  io.write(string.format("AIAAS_RESULT %d %d %.1f %.1f %.1f\n", summary.requests,
+    summary.errors.status + summary.errors.connect + summary.errors.read + summary.errors.timeout,
+    latency:percentile(50), latency:percentile(99), summary.duration))
+end
