@@ -15,7 +15,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS
 
-.PHONY: demo predict test lint bench down install clean
+.PHONY: demo predict test lint bench down install clean prometheus
 
 DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
 EMBED_CURL := curl -s -X POST http://127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat.", "Ray Serve scales replicas."]}'
@@ -29,10 +29,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-demo: $(STAMP)
+# Debian's Prometheus (and promtool): `aiaas monitor up` runs it, the tests run both.
+prometheus:
+	command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+demo: $(STAMP) prometheus
 	$(AIAAS) validate configs/cluster/*.yaml
 	$(AIAAS) cluster up $(CLUSTER)
 	$(AIAAS) cluster status $(CLUSTER)
+	$(AIAAS) monitor up --cluster $(CLUSTER)
 	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.node_report
 	$(AIAAS) data prepare configs/data/digits.yaml --cluster $(CLUSTER)
 	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
@@ -42,6 +47,7 @@ demo: $(STAMP)
 	$(AIAAS) models promote minilm latest --cluster $(CLUSTER)
 	$(AIAAS) serve deploy configs/serve/embeddings.yaml --cluster $(CLUSTER)
 	$(AIAAS) models list --cluster $(CLUSTER)
+	$(AIAAS) monitor dashboards --output $(HOME)/.aiaas/grafana --cluster $(CLUSTER)
 	@echo
 	@echo "A real prediction (a handwritten 0 from the digits test set):"
 	$(DEMO_CURL)
@@ -55,6 +61,8 @@ demo: $(STAMP)
 	@echo "Model endpoint:  http://127.0.0.1:8000/v1/models/digits (aiaas serve status)"
 	@echo "Embeddings:      http://127.0.0.1:8000/v1/embeddings (OpenAI-compatible)"
 	@echo "Metrics:         http://127.0.0.1:8090/metrics (head node; aiaas_serve_*, ray_*)"
+	@echo "Prometheus:      http://127.0.0.1:9090 (alerts: /alerts; live summary: aiaas monitor status)"
+	@echo "Grafana files:   $(HOME)/.aiaas/grafana/provisioning (or: aiaas monitor dashboards --grafana-url URL)"
 	@echo "Try it again:    make predict   (the curl line above)"
 	@echo "Stop everything: make down"
 
@@ -64,7 +72,7 @@ predict:
 	$(EMBED_CURL) | cut -c1-160
 	@echo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/mypy

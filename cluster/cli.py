@@ -122,6 +122,7 @@ def status(config_path: Path | None) -> None:
     click.echo(f"\nServe applications: {len(report.serve_apps)}")
     for name, app in report.serve_apps.items():
         click.echo(f"  {name:<16} {app.get('status', '?'):<10} route={app.get('route_prefix')}")
+    _print_live_summary(config, path)
     console.next_steps(
         [f"ray status --address {current.gcs_address}", f"aiaas cluster down {path}"]
     )
@@ -179,9 +180,26 @@ def render(config_path: Path | None, target: str, output: Path | None) -> None:
     console.next_steps([launch])
 
 
+def _print_live_summary(config: ClusterConfig, path: Path) -> None:
+    from aiaas import errors
+    from cluster import monitor, monitor_cli
+
+    try:
+        summary = monitor.live_summary(config)
+    except errors.ClusterError as exc:
+        click.echo(f"\nLive summary unavailable: {exc}")
+        return
+    if summary is None:
+        click.echo(f"\nLive summary: no Prometheus (start it: aiaas monitor up --cluster {path})")
+        return
+    click.echo(f"\nLive summary from {summary.prometheus_url}:", nl=False)
+    monitor_cli.print_summary(summary)
+
+
 def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str) -> None:
     click.echo(f"  Dashboard / Jobs API: {dashboard_url}")
     click.echo(f"  GCS address:          {gcs_address}")
     click.echo(f"  Metrics (head):       http://127.0.0.1:{config.ports.metrics_export}/metrics")
     click.echo(f"  MLflow registry:      {config.mlflow_url() or '(disabled)'}")
+    click.echo(f"  Prometheus:           {config.prometheus_url()} (aiaas monitor up)")
     click.echo(f"  Storage root:         {config.storage_root}")

@@ -32,6 +32,13 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     mlflow_url = config.mlflow_url()
     if mlflow_url:
         env["MLFLOW_TRACKING_URI"] = mlflow_url
+    # The Ray dashboard's metrics view reads these: our Prometheus, and the user's Grafana when
+    # one is configured (its embedded panels are Ray's dashboards provisioned there).
+    env["RAY_PROMETHEUS_HOST"] = config.prometheus_url()
+    env["RAY_PROMETHEUS_NAME"] = config.grafana.datasource
+    if config.grafana.url:
+        env["RAY_GRAFANA_HOST"] = config.grafana.url
+        env["RAY_GRAFANA_IFRAME_HOST"] = config.grafana.iframe_url or config.grafana.url
     env.update(config.env)
     return env
 

@@ -190,6 +190,14 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
             for service in previous.services
             if processes.leader(service.pid, service.create_time) is None
         ]
+        # Only MLflow comes back with the cluster; a lost Prometheus is `aiaas monitor up`'s.
+        dropped = [service for service in lost_services if service.group != "mlflow"]
+        lost_services = [service for service in lost_services if service.group == "mlflow"]
+        if dropped:
+            previous = previous.model_copy(
+                update={"services": [s for s in previous.services if s not in dropped]}
+            )
+            state.save(config, previous)
         if not lost and not lost_services:
             return UpResult(state=previous, already_running=True)
         names = [node.name for node in [*lost, *lost_services]]

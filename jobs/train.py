@@ -82,6 +82,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         x = np.column_stack([batch[name] for name in features]).astype(np.float32, copy=False)
         return torch.from_numpy(x).to(device), torch.from_numpy(batch[label]).long().to(device)
 
+    gauges = _TrainGauges(config) if rank == 0 else None
     report_seconds = 0.0
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
@@ -151,6 +152,32 @@ def train_loop(loop: dict[str, Any]) -> None:
         else:
             ray.train.report(metrics)
         report_seconds = time.perf_counter() - reported
+        if gauges is not None:
+            gauges.record(metrics, report_seconds)
+
+
+class _TrainGauges:
+    """The epoch's figures as Prometheus metrics (rank 0 only: the metrics are global)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        from aiaas import metrics
+
+        registered = config.registration.model_name if config.registration else config.model.name
+        self.tags = {"run": config.name, "model": registered}
+        self.samples = metrics.TRAIN_SAMPLES_PER_S.create()
+        self.epoch = metrics.TRAIN_EPOCH.create()
+        self.loss = metrics.TRAIN_LOSS.create()
+        self.accuracy = metrics.TRAIN_ACCURACY.create()
+        self.checkpoint = metrics.TRAIN_CHECKPOINT_SECONDS.create()
+
+    def record(self, figures: dict[str, float], checkpoint_seconds: float) -> None:
+        self.samples.set(figures["samples_per_s"], tags=self.tags)
+        self.epoch.set(figures["epoch"], tags=self.tags)
+        for split in ("train", "val"):
+            tags = {**self.tags, "split": "validation" if split == "val" else split}
+            self.loss.set(figures[f"{split}_loss"], tags=tags)
+            self.accuracy.set(figures[f"{split}_accuracy"], tags=tags)
+        self.checkpoint.observe(checkpoint_seconds, tags=self.tags)
 
 
 def _counts(loss: Any, logits: Any, y: Any) -> Any:

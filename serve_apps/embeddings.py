@@ -28,9 +28,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve import metrics
 
 from aiaas import api_keys, artifacts, registry, serve_http
+from aiaas import metrics as aiaas_metrics
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -88,22 +88,9 @@ class Embeddings:
         batcher: Any = self.embed_batch  # type: ignore[misc]
         batcher.set_max_batch_size(args.max_batch_size)
         batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-        self.requests = metrics.Counter(
-            "aiaas_embeddings_requests",
-            description="Embedding requests by model, version and HTTP status code.",
-            tag_keys=("model", "version", "code"),  # type: ignore[arg-type]
-        )
-        self.tokens = metrics.Counter(
-            "aiaas_embeddings_tokens",
-            description="Tokens embedded, by model.",
-            tag_keys=("model",),
-        )
-        self.batch_sizes = metrics.Histogram(
-            "aiaas_embeddings_batch_size",
-            description="Texts per executed batch.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-            tag_keys=("model",),
-        )
+        self.requests = aiaas_metrics.EMBEDDINGS_REQUESTS.create(serve=True)
+        self.tokens = aiaas_metrics.EMBEDDINGS_TOKENS.create(serve=True)
+        self.batch_sizes = aiaas_metrics.EMBEDDINGS_BATCH_SIZE.create(serve=True)
 
     def _load(self, version: registry.Version) -> Loaded:
         embedder = artifacts.load_embedder(version, threads=self.args.threads)

@@ -27,9 +27,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.serve import metrics
 
 from aiaas import api_keys, artifacts, registry, serve_http
+from aiaas import metrics as aiaas_metrics
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
@@ -92,28 +92,10 @@ class ModelServer:
         batcher: Any = self.predict_batch  # type: ignore[misc]
         batcher.set_max_batch_size(args.max_batch_size)
         batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
-        self.requests = metrics.Counter(
-            "aiaas_serve_requests",
-            description="Predict requests by model, version and HTTP status code.",
-            tag_keys=("model", "version", "code"),  # type: ignore[arg-type]
-        )
-        self.latency = metrics.Histogram(
-            "aiaas_serve_request_latency_ms",
-            description="Predict latency inside the replica, in milliseconds.",
-            boundaries=[0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000],
-            tag_keys=("model", "version"),  # type: ignore[arg-type]
-        )
-        self.batch_sizes = metrics.Histogram(
-            "aiaas_serve_batch_size",
-            description="Requests per executed batch.",
-            boundaries=[1, 2, 4, 8, 16, 32, 64, 128, 256],
-            tag_keys=("model",),
-        )
-        self.queue = metrics.Gauge(
-            "aiaas_serve_pending_requests",
-            description="Requests waiting or running in this replica.",
-            tag_keys=("model",),
-        )
+        self.requests = aiaas_metrics.SERVE_REQUESTS.create(serve=True)
+        self.latency = aiaas_metrics.SERVE_LATENCY.create(serve=True)
+        self.batch_sizes = aiaas_metrics.SERVE_BATCH_SIZE.create(serve=True)
+        self.queue = aiaas_metrics.SERVE_PENDING.create(serve=True)
 
     def _load(self, version: registry.Version) -> Loaded:
         predictor = artifacts.load(version, threads=self.args.threads)

@@ -51,7 +51,7 @@ def free_ports(count: int) -> list[int]:
 
 def write_cluster_config(directory: Path, name: str, workers: int, **overrides: Any) -> Path:
     """A small cluster config with its own ports, storage root and (short) temp root."""
-    gcs, dashboard, client, metrics, mlflow = free_ports(5)
+    gcs, dashboard, client, metrics, mlflow, prometheus = free_ports(6)
     config: dict[str, Any] = {
         "kind": "cluster",
         "name": name,
@@ -77,6 +77,7 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
             "dashboard": dashboard,
             "client_server": client,
             "metrics_export": metrics,
+            "prometheus": prometheus,
         },
         "mlflow": {"port": mlflow},
         "env": {

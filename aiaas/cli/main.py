@@ -23,6 +23,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
     "models": ("jobs.models_cli:models", "Registered models: list, show, promote, optimize."),
     "serve": ("aiaas.cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
+    "monitor": ("cluster.monitor_cli:monitor", "Prometheus, alert rules and Grafana dashboards."),
 }
 
 

@@ -141,6 +141,9 @@ class HeadPorts(ConfigModel):
     metrics_export: Port = Field(
         8090, description="the head's Prometheus metrics endpoint (Ray exports on all interfaces)"
     )
+    prometheus: Port = Field(
+        9090, description="the Prometheus that 'aiaas monitor up' starts on 127.0.0.1"
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadPorts:
@@ -166,6 +169,29 @@ class MlflowSpec(ConfigModel):
         description="runs and registry database; defaults to SQLite under a local storage root "
         "(a remote storage root needs e.g. postgresql://...)",
     )
+
+
+class GrafanaSpec(ConfigModel):
+    """A Grafana of the user's (none installs here) that the Ray dashboard embeds panels from."""
+
+    url: str | None = Field(
+        None,
+        description="Grafana's address as the dashboard server reaches it, e.g. "
+        "http://127.0.0.1:3000; unset: the Ray dashboard shows no Grafana panels",
+    )
+    iframe_url: str | None = Field(
+        None, description="Grafana's address as browsers reach it, when it differs from 'url'"
+    )
+    datasource: str = Field(
+        "Prometheus", description="name of the Prometheus data source in that Grafana"
+    )
+
+    @field_validator("url", "iframe_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and urlparse(value).scheme not in ("http", "https"):
+            raise ValueError(f"'{value}' is not an http(s) URL; write e.g. http://127.0.0.1:3000")
+        return value.rstrip("/") if value else value
 
 
 class RayUpSpec(ConfigModel):
@@ -247,6 +273,9 @@ class ClusterConfig(ConfigModel):
     )
     ports: HeadPorts = Field(default_factory=HeadPorts, description="fixed ports of the head")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="the tracking server")
+    grafana: GrafanaSpec = Field(
+        default_factory=GrafanaSpec, description="the Grafana the Ray dashboard embeds"
+    )
     env: dict[str, str] = Field(
         default_factory=dict,
         description="environment variables for every Ray process of the cluster",
@@ -314,6 +343,10 @@ class ClusterConfig(ConfigModel):
             return self.mlflow.backend_store_uri
         root = self.local_storage_root()
         return f"sqlite:///{root}/mlflow/mlflow.db"
+
+    def prometheus_url(self) -> str:
+        """Where ``aiaas monitor up`` serves Prometheus."""
+        return f"http://127.0.0.1:{self.ports.prometheus}"
 
     def dashboard_url(self) -> str:
         """The HTTP address of the dashboard and Jobs API."""

@@ -24,6 +24,7 @@ KINDS: dict[str, str] = {
     "cluster": "aiaas.config.cluster:ClusterConfig",
     "dataset": "aiaas.config.dataset:DatasetConfig",
     "train": "aiaas.config.train:TrainConfig",
+    "monitoring": "aiaas.config.monitoring:MonitoringConfig",
     "optimize": "aiaas.config.optimize:OptimizeConfig",
     "tune": "aiaas.config.tune:TuneConfig",
 }

@@ -102,7 +102,11 @@ def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     # A second cluster beside the session's one takes jobs too (no shared agent port).
     second = support.ray_job_submit(small.dashboard_url, "python", "-c", "print('second ok')")
     assert second.returncode == 0 and "second ok" in second.stdout, second.stdout + second.stderr
-    sessions = [node["pid"] for node in small.state()["nodes"]]
+    # Prometheus from `monitor up` is stopped by `cluster down` too (its port is checked below).
+    monitored = support.run("aiaas", "monitor", "up", "--cluster", str(small.config_path))
+    assert monitored.returncode == 0, monitored.stdout + monitored.stderr
+    assert [s["name"] for s in small.state()["services"]] == ["mlflow", "prometheus"]
+    sessions = [node["pid"] for node in [*small.state()["nodes"], *small.state()["services"]]]
     config = yaml.safe_load(small.config_path.read_text())
     ports = {**config["ports"], "mlflow": config["mlflow"]["port"]}
     stop(small)

@@ -58,7 +58,7 @@ def test_unknown_key_without_close_match_lists_allowed_fields(tmp_path: Path) ->
     path = _write(tmp_path, VALID + "ports:\n  zzz: 1\n")
     assert _error(path).splitlines()[1] == (
         "  • ports.zzz (line 13): unknown field; allowed fields: gcs, dashboard, client_server, "
-        "metrics_export"
+        "metrics_export, prometheus"
     )
 
 
@@ -113,7 +113,7 @@ def test_unknown_kind_suggests_the_right_one(tmp_path: Path) -> None:
     path = _write(tmp_path, "kind: clustr\n")
     assert (
         _error(path)
-        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster, dataset, optimize, train, tune"
+        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster, dataset, monitoring, optimize, train, tune"
     )
 
 
