@@ -88,6 +88,31 @@ def submit(
         address=address_in_use(cluster),
         submitted_at=time.time(),
     )
+    submit_entrypoint(
+        cluster,
+        entrypoint,
+        submission_id,
+        env_vars={"AIAAS_SUBMISSION_ID": submission_id},
+        metadata={
+            "aiaas_kind": kind,
+            "config_name": config.name,
+            "config_hash": record.config_hash,
+        },
+    )
+    records.save(storage, record)
+    return record
+
+
+def submit_entrypoint(
+    cluster: ClusterConfig,
+    entrypoint: str,
+    submission_id: str,
+    env_vars: dict[str, str] | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
+    """Submit an entrypoint as aiaas submits every job: the project as working_dir (less the
+    excludes), the git commit in the env, no CPU held by the driver, a retry while the head's
+    job agent registers."""
     jobs_client = client(cluster)
     _quiet_ray_logs()
     deadline = time.monotonic() + 60
@@ -100,31 +125,25 @@ def submit(
                     "working_dir": str(PROJECT),
                     "excludes": EXCLUDES,
                     "env_vars": {
-                        "AIAAS_SUBMISSION_ID": submission_id,
                         "AIAAS_GIT_COMMIT": records.git_commit(PROJECT),
+                        **(env_vars or {}),
                     },
                 },
                 # The driver only orchestrates and evaluates: it must not hold a CPU the
                 # workers need.
                 entrypoint_num_cpus=0,
-                metadata={
-                    "aiaas_kind": kind,
-                    "config_name": config.name,
-                    "config_hash": record.config_hash,
-                },
+                metadata=metadata or {},
             )
-            break
+            return
         except Exception as exc:  # the SDK raises RuntimeError/ConnectionError/HTTP errors alike
             # Right after `cluster up` the head's job agent may not have registered yet.
             if "No available agent" in str(exc) and time.monotonic() < deadline:
                 time.sleep(1)
                 continue
             raise errors.JobError(
-                f"submitting {entrypoint} to {record.address} failed: {exc}",
+                f"submitting {entrypoint} to {address_in_use(cluster)} failed: {exc}",
                 "Check the cluster with 'aiaas cluster status'.",
             ) from None
-    records.save(storage, record)
-    return record
 
 
 def refresh(cluster: ClusterConfig, record: records.JobRecord) -> records.JobRecord:

@@ -9,6 +9,7 @@ import re
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
+    ByteSize,
     Field,
     NonNegativeFloat,
     NonNegativeInt,
@@ -177,6 +178,12 @@ class TrainConfig(ConfigModel):
         True,
         description="read the splits into Ray's object store once instead of every epoch; "
         "turn off for data larger than the cluster's object stores",
+    )
+    shard_memory_limit: ByteSize = Field(
+        ByteSize(1 << 30),
+        description="a worker's shard up to this size is read once into its memory and "
+        "shuffled there every epoch, as a plain PyTorch loop does; a larger one streams from "
+        "Ray Data every epoch through a local shuffle buffer. 0: always stream",
     )
     scaling: ScalingSpec = Field(default_factory=ScalingSpec, description="workers and hardware")
     checkpoint: CheckpointSpec = Field(
