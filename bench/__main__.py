@@ -12,6 +12,8 @@ BENCHMARKS = [
     "bench.serving",
     "bench.embeddings",
     "bench.training_loop",
+    "bench.training_scale",
+    "bench.jobs",
 ]
 
 

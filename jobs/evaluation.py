@@ -27,10 +27,7 @@ def load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: 
     return model.eval()
 
 
-def test_split(
-    storage: Storage, dataset: str, schema: datasets.DatasetSchema
-) -> tuple[np.ndarray, np.ndarray]:
-    """Features and labels of a prepared data set's test split."""
+def _test_dataset(storage: Storage, dataset: str) -> Any:
     import pyarrow.dataset as pads
     from pyarrow import fs as pafs
 
@@ -38,20 +35,49 @@ def test_split(
     filesystem, base = (
         pafs.FileSystem.from_uri(path) if "://" in path else (pafs.LocalFileSystem(), path)
     )
-    table = pads.dataset(base, filesystem=filesystem, format="parquet").to_table()
+    return pads.dataset(base, filesystem=filesystem, format="parquet")
+
+
+def _arrays(table: Any, schema: datasets.DatasetSchema) -> tuple[np.ndarray, np.ndarray]:
     x = np.column_stack([table[name].to_numpy() for name in schema.features]).astype(np.float32)
     return x, table[schema.label].to_numpy()
+
+
+def test_split(
+    storage: Storage, dataset: str, schema: datasets.DatasetSchema
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features and labels of a prepared data set's whole test split."""
+    return _arrays(_test_dataset(storage, dataset).to_table(), schema)
+
+
+def test_head(
+    storage: Storage, dataset: str, schema: datasets.DatasetSchema, rows: int = 8
+) -> np.ndarray:
+    """The first rows' features of the test split (a signature's input example)."""
+    return _arrays(_test_dataset(storage, dataset).head(rows), schema)[0]
 
 
 def evaluate(
     model: Any, storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
 ) -> dict[str, float]:
-    """Accuracy and mean cross-entropy loss on the test split."""
+    """Accuracy and mean cross-entropy loss on the test split, read in record batches so the
+    driver's memory does not grow with the data set."""
+    import pyarrow
     import torch
 
-    x, y = test_split(storage, config.dataset, schema)
-    with torch.no_grad():
-        logits = model(torch.from_numpy(x))
-        loss = torch.nn.functional.cross_entropy(logits, torch.from_numpy(y).long())
-    accuracy = float((logits.argmax(1).numpy() == y).mean())
-    return {"accuracy": round(accuracy, 6), "loss": round(float(loss), 6), "rows": len(y)}
+    loss_sum, correct, rows = 0.0, 0, 0
+    for batch in _test_dataset(storage, config.dataset).to_batches(batch_size=16384):
+        x, y = _arrays(pyarrow.Table.from_batches([batch]), schema)
+        with torch.no_grad():
+            logits = model(torch.from_numpy(x))
+            loss = torch.nn.functional.cross_entropy(
+                logits, torch.from_numpy(y).long(), reduction="sum"
+            )
+        loss_sum += float(loss)
+        correct += int((logits.argmax(1).numpy() == y).sum())
+        rows += len(y)
+    return {
+        "accuracy": round(correct / max(rows, 1), 6),
+        "loss": round(loss_sum / max(rows, 1), 6),
+        "rows": rows,
+    }

@@ -75,17 +75,25 @@ def train_loop(loop: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     features, label = schema.features, schema.label
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("validation")
+    # A split is either a Ray Dataset (streamed, or read into memory from its shard) or, when
+    # a worker's share fits in memory, a Parquet path each worker reads its share of directly.
+    direct: dict[str, str] = loop.get("parquet", {})
+    train_shard: Any = None if "train" in direct else ray.train.get_dataset_shard("train")
+    val_shard: Any = None if "validation" in direct else ray.train.get_dataset_shard("validation")
 
     def tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         x = np.column_stack([batch[name] for name in features]).astype(np.float32, copy=False)
-        return torch.from_numpy(x), torch.from_numpy(batch[label]).long()
+        # Arrow hands out read-only label arrays, which torch will not wrap: copy the labels.
+        return torch.from_numpy(x), torch.from_numpy(np.array(batch[label], dtype=np.int64))
 
     loading = time.perf_counter()
     limit = int(config.shard_memory_limit)
-    train_rows = _ShardInMemory.load(train_shard, tensors, limit)
-    val_rows = _ShardInMemory.load(val_shard, tensors, limit)
+    train_rows, val_rows = (
+        _ShardInMemory.read_share(direct[split], rank, world, tensors)
+        if split in direct
+        else _ShardInMemory.load(shard, tensors, limit)
+        for split, shard in (("train", train_shard), ("validation", val_shard))
+    )
     if rank == 0:
         where = "in memory" if train_rows is not None else "streamed by Ray Data"
         event = {"shard": where, "load_s": round(time.perf_counter() - loading, 3)}
@@ -116,6 +124,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         totals = torch.zeros(3, device=device)  # loss sum, correct, rows
         waited = 0.0
         batches = iter(train_batches(epoch))
+        if rank == 0 and epoch == start_epoch:
+            _phase("first_step")
         while True:
             fetch = time.perf_counter()
             batch = next(batches, None)
@@ -153,6 +163,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             "data_wait_s": round(waited, 3),
             "epoch_s": round(time.perf_counter() - started, 3),
             "previous_report_s": round(report_seconds, 3),
+            "peak_rss_mb": _peak_rss_mb(),
         }
         reported = time.perf_counter()
         if rank == 0:
@@ -213,6 +224,41 @@ class _ShardInMemory:
             return cls(torch.zeros((0, 0)), torch.zeros(0, dtype=torch.long))
         return cls(torch.cat(xs), torch.cat(ys))
 
+    @classmethod
+    def read_share(cls, path: str, rank: int, world: int, tensors: Any) -> _ShardInMemory:
+        """Rows ``[rank * n, (rank + 1) * n)`` of a Parquet split, ``n`` the same for every
+        worker (DDP needs equal steps; at most ``world - 1`` rows are left out), reading only
+        the files that hold them."""
+        import pyarrow.dataset
+        import torch
+
+        fragments = sorted(
+            pyarrow.dataset.dataset(path, format="parquet").get_fragments(),
+            key=lambda fragment: fragment.path,
+        )
+        counts = [fragment.count_rows() for fragment in fragments]
+        share = sum(counts) // world
+        start, end = rank * share, (rank + 1) * share
+        # Filled file by file: the peak is the share as tensors plus one file, not the share
+        # as an Arrow table plus its float64 copy.
+        x_all = y_all = None
+        offset = filled = 0
+        for fragment, count in zip(fragments, counts, strict=True):
+            if offset < end and offset + count > start:
+                first = max(start, offset)
+                table = fragment.to_table().slice(first - offset, min(end, offset + count) - first)
+                x, y = tensors({name: table[name].to_numpy() for name in table.column_names})
+                if x_all is None:
+                    x_all = torch.empty((share, *x.shape[1:]), dtype=x.dtype)
+                    y_all = torch.empty(share, dtype=y.dtype)
+                x_all[filled : filled + len(y)] = x
+                y_all[filled : filled + len(y)] = y  # type: ignore[index]
+                filled += len(y)
+            offset += count
+        if x_all is None or y_all is None:
+            return cls(torch.zeros((0, 0)), torch.zeros(0, dtype=torch.long))
+        return cls(x_all, y_all)
+
     def shuffled(self, batch_size: int, seed: int) -> Any:
         import torch
 
@@ -269,9 +315,11 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
     import ray.train
 
     storage, schema = prepare(config, config_path)
-    splits = read_splits(config, storage)
-    trainer = build_trainer(config, schema, splits, storage, run_name=config.name)
+    direct = direct_splits(config, storage, schema)
+    splits = read_splits(config, storage, skip=direct)
+    trainer = build_trainer(config, schema, splits, storage, run_name=config.name, direct=direct)
     started = time.perf_counter()
+    _phase("fit_started")
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as exc:
@@ -283,10 +331,11 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
             "resumes from the latest checkpoint.",
         ) from exc
     train_seconds = time.perf_counter() - started
+    _phase("fit_done")
     best = result.get_best_checkpoint(config.checkpoint.score_metric, config.checkpoint.score_order)
     if best is None:
         raise errors.JobError(f"run '{config.name}' finished without a checkpoint")
-    return evaluate_and_register(
+    outcome = evaluate_and_register(
         config,
         config_path,
         schema,
@@ -295,6 +344,22 @@ def run(config: TrainConfig, config_path: Path) -> dict[str, Any]:
         _history(result),
         {"run": config.name, "train_seconds": round(train_seconds, 2)},
     )
+    _phase("registered")
+    return outcome
+
+
+def _phase(name: str) -> None:
+    """A wall-clock mark in the job log: where a job's start-up and wrap-up time goes, and the
+    process's peak memory so far."""
+    event = {"phase": name, "at": round(time.time(), 3), "peak_rss_mb": _peak_rss_mb()}
+    print(f"{PROGRESS} {json.dumps(event)}", flush=True)
+
+
+def _peak_rss_mb() -> float:
+    import resource
+
+    # ru_maxrss is in KiB on Linux.
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def prepare(config: TrainConfig, config_path: Path) -> tuple[Storage, datasets.DatasetSchema]:
@@ -329,8 +394,10 @@ def build_trainer(
     storage: Storage,
     run_name: str,
     callbacks: list[Any] | None = None,
+    direct: dict[str, str] | None = None,
 ) -> Any:
-    """The TorchTrainer of a train config (a tune trial builds one per trial)."""
+    """The TorchTrainer of a train config (a tune trial builds one per trial); ``direct``:
+    splits the workers read from Parquet themselves (see :func:`direct_splits`)."""
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -339,6 +406,7 @@ def build_trainer(
         train_loop_config={
             "config": config.loop_config(),
             "schema": schema.model_dump(mode="json"),
+            "parquet": direct or {},
         },
         scaling_config=config.scaling.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
@@ -411,7 +479,7 @@ def evaluate_and_register(
         }
         outcome["gate"] = "passed"
         return outcome
-    example = evaluation.test_split(storage, config.dataset, schema)[0][:8]
+    example = evaluation.test_head(storage, config.dataset, schema)
     registered = registration.register_torch_model(
         run_id, config.registration.model_name, model, example, lineage
     )
@@ -426,6 +494,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m jobs.train CONFIG", file=sys.stderr)
         return 2
     config_path = Path(argv[0])
+    _phase("driver_started")
     code, outcome = entrypoint.run_job(
         "train", config_path, lambda: run(loader.load(config_path, TrainConfig), config_path)
     )
@@ -439,14 +508,18 @@ def main(argv: list[str]) -> int:
     return code
 
 
-def read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:
-    """The train and validation splits as Ray Datasets, read into the object store once when
-    ``cache_data`` is on (a tune search shares them across its trials)."""
+def read_splits(
+    config: TrainConfig, storage: Storage, skip: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The train and validation splits (less those in ``skip``) as Ray Datasets, read into the
+    object store once when ``cache_data`` is on (a tune search shares them across its trials)."""
     import pyarrow
     import ray.data
 
     splits: dict[str, Any] = {}
     for split in ("train", "validation"):
+        if split in (skip or {}):
+            continue
         try:
             dataset = ray.data.read_parquet(
                 datasets.split_path(storage, config.dataset, split),
@@ -458,12 +531,44 @@ def read_splits(config: TrainConfig, storage: Storage) -> dict[str, Any]:
             # of scheduling new read tasks, which costs seconds per epoch on a small cluster.
             splits[split] = dataset.materialize() if config.cache_data else dataset
         except (pyarrow.ArrowException, OSError) as exc:
-            raise errors.ConfigError(
-                f"the {split} split of data set '{config.dataset}' cannot be read: "
-                f"{str(exc).strip().splitlines()[-1][:300]}",
-                f"Prepare it again: aiaas data prepare configs/data/{config.dataset}.yaml",
-            ) from None
+            raise _unreadable(config, split, exc) from None
     return splits
+
+
+def direct_splits(
+    config: TrainConfig, storage: Storage, schema: datasets.DatasetSchema
+) -> dict[str, str]:
+    """The splits whose per-worker share fits in ``shard_memory_limit``: each worker reads its
+    share of the Parquet files itself, once, which skips Ray Data's start-up (a split
+    coordinator and read tasks, seconds on a small cluster) for data that needs no streaming."""
+    import pyarrow
+    import pyarrow.dataset
+
+    direct = {}
+    for split in ("train", "validation"):
+        if _shard_bytes(schema, split, config) > int(config.shard_memory_limit):
+            continue
+        path = datasets.split_path(storage, config.dataset, split)
+        try:
+            pyarrow.dataset.dataset(path, format="parquet").schema  # noqa: B018 - readable?
+        except (pyarrow.ArrowException, OSError) as exc:
+            raise _unreadable(config, split, exc) from None
+        direct[split] = path
+    return direct
+
+
+def _unreadable(config: TrainConfig, split: str, exc: Exception) -> errors.ConfigError:
+    return errors.ConfigError(
+        f"the {split} split of data set '{config.dataset}' cannot be read: "
+        f"{str(exc).strip().splitlines()[-1][:300]}",
+        f"Prepare it again: aiaas data prepare configs/data/{config.dataset}.yaml",
+    )
+
+
+def _shard_bytes(schema: datasets.DatasetSchema, split: str, config: TrainConfig) -> float:
+    """A worker's share of a split as float32 features and int64 labels."""
+    row = 4 * len(schema.features) + 8
+    return schema.rows.get(split, 0) * row / config.scaling.num_workers
 
 
 def _storage() -> Storage:
