@@ -35,12 +35,21 @@ def monitor() -> None:
 @monitor.command()
 @_monitoring_option
 @target.cluster_option
+@click.option("--dry-run", is_flag=True, help="Print the alert rules; start nothing.")
 @console.user_errors
-def up(monitoring_path: Path, cluster_path: Path) -> None:
+def up(monitoring_path: Path, cluster_path: Path, dry_run: bool) -> None:
     """Start Prometheus (127.0.0.1) and the cluster exporter; re-run to apply a changed config."""
     from cluster import monitor as monitoring
 
     cluster, config = _load(cluster_path, monitoring_path)
+    if dry_run:
+        import yaml
+
+        from cluster import alert_rules
+
+        click.echo(f"would start Prometheus on {cluster.prometheus_url()} with these rules:")
+        click.echo(yaml.safe_dump(alert_rules.rules(config), sort_keys=False, width=100))
+        return
     result = monitoring.up(cluster, config)
     verb = "started" if result.started else "running; re-read its config and rules"
     click.echo(f"Prometheus {verb}: {result.service.url}")
@@ -130,14 +139,27 @@ def print_summary(summary: object) -> None:
     type=click.Path(path_type=Path),
     help="Also write the dashboards and Grafana provisioning files under this directory.",
 )
+@click.option("--dry-run", is_flag=True, help="List the dashboards; send and write nothing.")
 @console.user_errors
 def dashboards(
-    monitoring_path: Path, cluster_path: Path, grafana_url: str | None, output: Path | None
+    monitoring_path: Path,
+    cluster_path: Path,
+    grafana_url: str | None,
+    output: Path | None,
+    dry_run: bool,
 ) -> None:
     """Create or update aiaas's (and Ray's) dashboards in Grafana, and/or write them as files."""
     from cluster import monitor as monitoring
 
     cluster, config = _load(cluster_path, monitoring_path)
+    if dry_run:
+        for folder in monitoring.folders(cluster, config):
+            for board in folder.dashboards:
+                panels = len(board.get("panels", []))
+                click.echo(
+                    f"  {folder.title}/{board.get('title')} (uid {board['uid']}, {panels} panels)"
+                )
+        return
     url = grafana_url or cluster.grafana.url
     if url is None and output is None:
         console.fail(

@@ -81,3 +81,25 @@ def test_missing_default_config_is_a_clear_error(
         "Error: configs/cluster/local.yaml: no such file\n"
         "Check the path; shipped configs live under configs/.\n"
     )
+
+
+def test_monitor_commands_fail_cleanly_without_a_cluster(tmp_path: Path) -> None:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        (REPO / "configs/cluster/local.yaml")
+        .read_text()
+        .replace("storage_root: ~/.aiaas", f"storage_root: {tmp_path}/storage")
+    )
+    runner = CliRunner()
+    up = runner.invoke(cli, ["monitor", "up", "--cluster", str(config)])
+    assert up.exit_code == 1
+    assert "Error: no cluster 'local' is running" in up.output and "aiaas cluster up" in up.output
+    boards = runner.invoke(cli, ["monitor", "dashboards", "--cluster", str(config)])
+    assert boards.exit_code == 1 and "--grafana-url" in boards.output
+    dry = runner.invoke(cli, ["monitor", "up", "--dry-run", "--cluster", str(config)])
+    assert dry.exit_code == 0 and "AiaasServingErrorRate" in dry.output
+    bad = tmp_path / "monitoring.yaml"
+    bad.write_text("kind: monitoring\nprometheus: {scrape_interval: often}\n")
+    refused = runner.invoke(cli, ["monitor", "up", "--config", str(bad), "--cluster", str(config)])
+    assert refused.exit_code == 1 and "prometheus.scrape_interval" in refused.output
+    assert "Traceback" not in refused.output
