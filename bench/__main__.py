@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 
 from bench import report
 
@@ -23,14 +24,16 @@ def main() -> int:
         if only and name.rsplit(".", 1)[-1] not in only:
             continue
         print(f"running {name} ...", flush=True)
+        started = time.monotonic()
         rows = importlib.import_module(name).run()
-        path = report.save(name.rsplit(".", 1)[-1], rows)
+        took = time.monotonic() - started
+        path = report.save(name.rsplit(".", 1)[-1], rows, duration_s=took)
         for row in rows:
             print(
                 f"  {row['figure']}: {row['ours']:.3g}{row['unit']} vs {row['reference']:.3g}"
                 f"{row['unit']} ({row['reference_name']}) = {row['ratio']:.2f}x"
             )
-        print(f"  wrote {path}")
+        print(f"  wrote {path} ({took:.0f} s)")
     report.regenerate_table()
     print("updated BENCHMARKS.md")
     return 0

@@ -40,11 +40,12 @@ def median(values: list[float]) -> float:
     return float(statistics.median(values))
 
 
-def save(name: str, rows: list[dict[str, Any]]) -> Path:
+def save(name: str, rows: list[dict[str, Any]], duration_s: float | None = None) -> Path:
     """Store one benchmark's rows; each row has figure, ours, reference, ratio, target, unit."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({"machine": machine(), "rows": rows}, indent=2) + "\n")
+    facts = {**machine(), "duration_s": None if duration_s is None else round(duration_s)}
+    path.write_text(json.dumps({"machine": facts, "rows": rows}, indent=2) + "\n")
     return path
 
 
