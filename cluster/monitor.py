@@ -203,7 +203,8 @@ def live_summary(config: ClusterConfig, window: str = "1m") -> LiveSummary | Non
             rate,
             _finite(quantiles[0.5].get((model, version))),
             _finite(quantiles[0.99].get((model, version))),
-            _finite(errors_.get((model, version))),
+            # No 5xx series at all means none were answered: 0, not unknown.
+            _finite(errors_.get((model, version), 0.0 if rate > 0 else None)),
         )
         for (model, version), rate in sorted(qps.items())
     ]
