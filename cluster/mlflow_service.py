@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
-from aiaas import errors
 from aiaas.config.cluster import ClusterConfig
 from aiaas.storage import Storage
 from cluster import environment, processes, state
@@ -47,23 +43,12 @@ def start(config: ClusterConfig) -> state.NodeRecord:
 
 def wait_healthy(service: state.NodeRecord, deadline: float) -> None:
     """Wait until the service answers ``/health``; a ClusterError with its log if it dies."""
-    import httpx
-
-    while True:
-        if processes.leader(service.pid, service.create_time) is None:
-            raise errors.ClusterError(
-                f"{service.name} exited while starting; the last lines of {service.log_path}:\n"
-                f"{processes.log_tail(Path(service.log_path))}"
-            )
-        try:
-            if httpx.get(f"{service.url}/health", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise errors.ClusterError(
-                f"timed out waiting for {service.name} at {service.url}; "
-                f"its log: {service.log_path}",
-                "Raise 'startup_timeout_s' in the cluster config if this machine is slow.",
-            )
-        time.sleep(0.5)
+    processes.wait_answering(
+        service.name,
+        service.pid,
+        service.create_time,
+        f"{service.url}/health",
+        service.log_path,
+        deadline,
+        "Raise 'startup_timeout_s' in the cluster config if this machine is slow.",
+    )

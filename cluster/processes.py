@@ -118,3 +118,31 @@ def log_tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return "(no log)"
     return "\n".join(text.strip().splitlines()[-lines:]) or "(empty log)"
+
+
+def wait_answering(
+    name: str, pid: int, create_time: float, url: str, log_path: str, deadline: float, fix: str
+) -> None:
+    """Wait until a service we started answers 200 at ``url``; a ClusterError with the last
+    lines of its log if it exits first, or naming the log and ``fix`` at ``deadline``
+    (``time.monotonic()``)."""
+    import httpx
+
+    from aiaas import errors
+
+    while True:
+        if leader(pid, create_time) is None:
+            raise errors.ClusterError(
+                f"{name} exited while starting; the last lines of {log_path}:\n"
+                f"{log_tail(Path(log_path))}"
+            )
+        try:
+            if httpx.get(url, timeout=2, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            raise errors.ClusterError(
+                f"timed out waiting for {name} at {url}; its log: {log_path}", fix
+            )
+        time.sleep(0.3)

@@ -111,27 +111,16 @@ def start(
 
 def wait_ready(service: state.NodeRecord, timeout_s: float) -> None:
     """Wait until Prometheus answers ``/-/ready``; a ClusterError with its log if it dies."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if processes.leader(service.pid, service.create_time) is None:
-            raise errors.ClusterError(
-                f"Prometheus exited while starting; the last lines of {service.log_path}:\n"
-                f"{processes.log_tail(Path(service.log_path))}",
-                "Is the cluster's ports.prometheus free? Change it in the cluster config.",
-            )
-        try:
-            if httpx.get(f"{service.url}/-/ready", timeout=2, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise errors.ClusterError(
-                f"timed out waiting for Prometheus at {service.url}; its log: {service.log_path}",
-                "Raise 'startup_timeout_s' in the monitoring config if this machine is slow.",
-            )
-        time.sleep(0.3)
+    processes.wait_answering(
+        "Prometheus",
+        service.pid,
+        service.create_time,
+        f"{service.url}/-/ready",
+        service.log_path,
+        time.monotonic() + timeout_s,
+        "Is the cluster's ports.prometheus free? Raise 'startup_timeout_s' in the monitoring "
+        "config if this machine is slow.",
+    )
 
 
 def reload(service: state.NodeRecord) -> None:
