@@ -122,14 +122,13 @@ class Exporter:
         self.versions = _Published(metrics.REGISTRY_VERSIONS)
         self.moves = _Published(metrics.REGISTRY_ALIAS_MOVES)
         self._stop = threading.Event()
+        self.intervals = {"cluster": interval_s, "registry": registry_interval_s}
         self._threads = [
-            threading.Thread(target=self._every, args=(interval_s, self._cluster), daemon=True)
+            threading.Thread(target=self._every, args=("cluster", self._cluster), daemon=True)
         ]
         if registry_uri:
             self._threads.append(
-                threading.Thread(
-                    target=self._every, args=(registry_interval_s, self._registry), daemon=True
-                )
+                threading.Thread(target=self._every, args=("registry", self._registry), daemon=True)
             )
         for thread in self._threads:
             thread.start()
@@ -141,10 +140,14 @@ class Exporter:
     def stop(self) -> None:
         self._stop.set()
 
-    def _every(self, interval_s: float, poll: Any) -> None:
+    def set_intervals(self, interval_s: float, registry_interval_s: float) -> None:
+        """Apply a changed monitoring config to the running exporter."""
+        self.intervals = {"cluster": interval_s, "registry": registry_interval_s}
+
+    def _every(self, which: str, poll: Any) -> None:
         while not self._stop.is_set():
             poll()
-            self._stop.wait(interval_s)
+            self._stop.wait(self.intervals[which])
 
     def _cluster(self) -> None:
         from aiaas.dashboard import Dashboard
@@ -203,6 +206,8 @@ def ensure_running(
         actor: Any = actor_class.remote(
             dashboard_url, auth_mode, registry_uri, interval_s, registry_interval_s
         )
+        # get_if_exists hands back a running exporter as it was made: give it this config's.
+        ray.get(actor.set_intervals.remote(interval_s, registry_interval_s), timeout=timeout_s)
         deadline = time.monotonic() + timeout_s
         while ray.get(actor.ping.remote(), timeout=timeout_s) < 1:
             if time.monotonic() > deadline:
