@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from aiaas import api_keys, errors, registry
 
@@ -108,6 +110,21 @@ def too_large(size: int, limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}")
 
 
+def replica_user_config() -> dict[str, Any] | None:
+    """The ``user_config`` this replica starts with, before Serve calls ``reconfigure``.
+
+    Serve sets the replica context before the constructor runs; outside a replica (a plain
+    Python test of the class) there is none.
+    """
+    try:
+        context = serve.get_replica_context()
+    except RayServeException:
+        return None
+    config = getattr(context, "_deployment_config", None)
+    user_config = getattr(config, "user_config", None)
+    return user_config if isinstance(user_config, dict) else None
+
+
 def pins(user_config: dict[str, Any] | None) -> dict[str, str]:
     """The versions a deployment's ``user_config`` pins, by served name."""
     return {str(k): str(v) for k, v in (user_config or {}).get("versions", {}).items()}
@@ -122,11 +139,24 @@ class Slots(Generic[T]):
     and a version that fails to load never takes traffic (the failure is kept in ``failed``).
     """
 
-    def __init__(self, served: list[ServedModel], load: Callable[[registry.Version], T]) -> None:
+    def __init__(
+        self,
+        served: list[ServedModel],
+        load: Callable[[registry.Version], T],
+        user_config: dict[str, Any] | None = None,
+    ) -> None:
         self.entries = {entry.name: registry.parse_ref(entry.model) for entry in served}
         self._load = load
+        # A replica started while an alias is being moved must load what the deployment pins,
+        # not what the alias names at that moment (a version that may yet fail and be undone).
+        pinned = pins(user_config)
         self.loaded: dict[str, T] = {
-            name: load(registry.resolve(ref)) for name, ref in self.entries.items()
+            name: load(
+                registry.resolve(
+                    registry.ModelRef(ref.name, version=pinned[name]) if name in pinned else ref
+                )
+            )
+            for name, ref in self.entries.items()
         }
         self.failed: dict[str, dict[str, str]] = {}
 

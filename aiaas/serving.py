@@ -181,10 +181,7 @@ def _wait(dashboard: Dashboard, names: list[str], timeout_s: float) -> None:
         broken = {n: a for n, a in states.items() if a.get("status") in BROKEN}
         if broken:
             name, app = next(iter(broken.items()))
-            raise errors.DeployError(
-                f"Serve app '{name}' is {app['status']}: {_app_message(app)}",
-                "The previous config was put back; fix the cause and deploy again.",
-            )
+            raise _Broken(name, app["status"], _app_message(app))
         if all(a.get("status") == HEALTHY and _deployments_healthy(a) for a in states.values()):
             return
         if time.monotonic() > deadline:
@@ -196,6 +193,17 @@ def _wait(dashboard: Dashboard, names: list[str], timeout_s: float) -> None:
         time.sleep(0.5)
 
 
+class _Broken(errors.DeployError):
+    """An app Serve gave up on (its replicas failed to start or went unhealthy)."""
+
+    def __init__(self, app: str, state: str, cause: str) -> None:
+        super().__init__(
+            f"Serve app '{app}' is {state}: {cause}",
+            "The previous config was put back; fix the cause and deploy again.",
+        )
+        self.app, self.cause = app, cause
+
+
 def _deployments_healthy(app: dict[str, Any]) -> bool:
     return all(d.get("status") == "HEALTHY" for d in (app.get("deployments") or {}).values())
 
@@ -204,8 +212,21 @@ def _app_message(app: dict[str, Any]) -> str:
     messages = [app.get("message") or ""] + [
         d.get("message") or "" for d in (app.get("deployments") or {}).values()
     ]
-    text = " ".join(m.strip() for m in messages if m.strip())
+    text = " ".join(_without_traceback(m) for m in messages if m.strip())
     return text[-1500:] or "(no message)"
+
+
+def _without_traceback(message: str) -> str:
+    """Serve's words and the exception's last line; the frames in between help nobody here."""
+    head, marker, rest = message.partition("Traceback (most recent call last)")
+    if not marker:
+        return message.strip()
+    raised = [
+        line.strip()
+        for line in rest.splitlines()
+        if line.strip() and not line[:1].isspace() and not line.startswith("Traceback")
+    ]
+    return " ".join(part for part in (head.strip(), raised[-1] if raised else "") if part)
 
 
 def serve_url(details: dict[str, Any]) -> str:
@@ -330,7 +351,15 @@ def follow_alias(
         dashboard.put_serve({**base, "applications": list(apps.values())})
         url = serve_url(details)
         try:
-            _wait(dashboard, list(changed), timeout_s)
+            try:
+                _wait(dashboard, list(changed), timeout_s)
+            except _Broken as exc:
+                # New replicas that cannot load the version fail to start and Serve gives up.
+                raise errors.DeployError(
+                    f"app '{exc.app}' could not load {', '.join(changed[exc.app])} "
+                    f"version {version}: {exc.cause}",
+                    exc.hint,
+                ) from None
             _confirm(url, apps, changed, version)
         except errors.DeployError as exc:
             dashboard.put_serve({**base, "applications": list(previous.values())})

@@ -79,7 +79,7 @@ class Embeddings:
         # One thread runs every tokenizer and model call: Hugging Face's fast tokenizers fail
         # ("Already borrowed") when two threads use one at once.
         self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "embeddings-model")
-        self.slots = serve_http.Slots(args.models, self._load)
+        self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
             api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
             if args.api_keys_file

@@ -81,7 +81,7 @@ class ModelServer:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.pending = 0
-        self.slots = serve_http.Slots(args.models, self._load)
+        self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         # Methods of an ingress class travel by value: helpers they use live on the class or
         # in importable modules, never as this module's private functions.
         self.keys = (

@@ -364,6 +364,18 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served: Served)
     assert failed <= load.threads, load.failures
 
 
+def _restart_the_only_replica(served: Served) -> None:
+    """Kill the app's replica once autoscaling is back at one; min_replicas brings a new one."""
+    deadline = time.monotonic() + 120
+    while len(replicas := _replicas(served)) != 1:
+        assert time.monotonic() < deadline, f"still {len(replicas)} replicas after 120 s"
+        time.sleep(1)
+    os.kill(int(replicas[0]["pid"]), signal.SIGKILL)
+    while not [r for r in _replicas(served) if r["replica_id"] != replicas[0]["replica_id"]]:
+        assert time.monotonic() < deadline, "Serve did not start a new replica"
+        time.sleep(0.5)
+
+
 @pytest.mark.slow
 def test_a_version_that_fails_to_load_never_takes_traffic(served: Served) -> None:
     made = served.cli(
@@ -383,6 +395,19 @@ def test_a_version_that_fails_to_load_never_takes_traffic(served: Served) -> Non
     )
     artifact.write_bytes(b"this is not an onnx graph")
     serving_now = httpx.get(f"{served.url}/v1/models/digits", timeout=30).json()["version"]
+
+    # A replica that starts while the alias names the broken version (as it does for a moment
+    # during a promote) loads what the deployment pins and serves.
+    client.set_registered_model_alias(served.trained.name, "production", broken)
+    try:
+        _restart_the_only_replica(served)
+    finally:
+        client.set_registered_model_alias(served.trained.name, "production", serving_now)
+    for _ in range(6):
+        assert (
+            httpx.get(f"{served.url}/v1/models/digits", timeout=30).json()["version"] == serving_now
+        )
+
     with Load(served.predict_url()) as load:
         time.sleep(1)
         promoted = served.cli("models", "promote", served.trained.name, broken)

@@ -194,3 +194,27 @@ def test_tune_values_are_set_at_their_paths() -> None:
         "epochs": 9,
     }
     assert base["optimizer"]["lr"] == 0.1  # the base is left alone
+
+
+def test_serve_failures_are_told_by_their_exception_not_their_frames() -> None:
+    from aiaas import serving
+
+    inner = (
+        "Traceback (most recent call last):\n"
+        '  File "/ray/serve/_private/replica.py", line 4082, in initialize_callable\n'
+        "    await self._call_func_or_gen(\n"
+        "onnxruntime.capi.onnxruntime_pybind11_state.InvalidProtobuf: [ONNXRuntimeError] : 7 : "
+        "INVALID_PROTOBUF : Load model failed: Protobuf parsing failed.\n"
+    )
+    message = (
+        "The deployment failed to start 3 times in a row. See controller logs for details. "
+        "Error:\nTraceback (most recent call last):\n"
+        '  File "/ray/serve/_private/replica.py", line 1930, in initialize\n'
+        f"RuntimeError: {inner}"
+    )
+    app = {"message": "", "deployments": {"ModelServer": {"message": message}}}
+    told = serving._app_message(app)
+    assert told.startswith("The deployment failed to start 3 times in a row.")
+    assert told.endswith("INVALID_PROTOBUF : Load model failed: Protobuf parsing failed.")
+    assert "File " not in told and "line 4082" not in told
+    assert serving._app_message({"message": "plain words"}) == "plain words"
