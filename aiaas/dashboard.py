@@ -86,8 +86,9 @@ class Dashboard:
                 "Is the cluster up? Run 'aiaas cluster status'.",
             ) from None
         if response.status_code != 200:
+            why = errors.without_traceback(response.text)[-1500:]
             raise errors.ClusterError(
-                f"Serve rejected the config (HTTP {response.status_code}): {response.text[:500]}"
+                f"Serve rejected the config (HTTP {response.status_code}): {why}"
             )
 
     def _get(self, path: str, params: dict[str, Any] | None = None) -> Any:

@@ -53,3 +53,16 @@ class JobError(AiaasError):
 
 class DeployError(AiaasError):
     """A Serve application did not become healthy; the previous one keeps serving."""
+
+
+def without_traceback(message: str) -> str:
+    """Serve's words and the exception's last line; the frames in between help nobody here."""
+    head, marker, rest = message.partition("Traceback (most recent call last)")
+    if not marker:
+        return message.strip()
+    raised = [
+        line.strip()
+        for line in rest.splitlines()
+        if line.strip() and not line[:1].isspace() and not line.startswith("Traceback")
+    ]
+    return " ".join(part for part in (head.strip(), raised[-1] if raised else "") if part)

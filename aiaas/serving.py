@@ -212,21 +212,8 @@ def _app_message(app: dict[str, Any]) -> str:
     messages = [app.get("message") or ""] + [
         d.get("message") or "" for d in (app.get("deployments") or {}).values()
     ]
-    text = " ".join(_without_traceback(m) for m in messages if m.strip())
+    text = " ".join(errors.without_traceback(m) for m in messages if m.strip())
     return text[-1500:] or "(no message)"
-
-
-def _without_traceback(message: str) -> str:
-    """Serve's words and the exception's last line; the frames in between help nobody here."""
-    head, marker, rest = message.partition("Traceback (most recent call last)")
-    if not marker:
-        return message.strip()
-    raised = [
-        line.strip()
-        for line in rest.splitlines()
-        if line.strip() and not line[:1].isspace() and not line.startswith("Traceback")
-    ]
-    return " ".join(part for part in (head.strip(), raised[-1] if raised else "") if part)
 
 
 def serve_url(details: dict[str, Any]) -> str:

@@ -125,7 +125,9 @@ class Bench:
     """A head-only cluster (2 CPUs) with Serve targets; the one with aiaas's apps also runs the
     FastAPI reference (one uvicorn worker, outside Ray)."""
 
-    def __init__(self, directory: Path, name: str, env: dict[str, str]) -> None:
+    def __init__(
+        self, directory: Path, name: str, env: dict[str, str], serve_ingress: str = "haproxy"
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.directory = directory
         self.config = support.write_cluster_config(
@@ -134,6 +136,7 @@ class Bench:
             workers=0,
             head={"num_cpus": 2, "memory": "4GiB", "object_store_memory": "300MiB"},
             env=env,
+            serve_ingress=serve_ingress,
         )
         data = yaml.safe_load(self.config.read_text())
         self.mlflow = f"http://127.0.0.1:{data['mlflow']['port']}"
@@ -298,7 +301,8 @@ def run() -> list[dict[str, Any]]:
     # Two clusters side by side: Ray Serve exactly as installed (no env), and aiaas with the
     # env its shipped cluster config sets (configs/cluster/local.yaml).
     shipped_env = yaml.safe_load((support.REPO / "configs/cluster/local.yaml").read_text())["env"]
-    reference = Bench(directory / "reference", "bench-ref", {})
+    # Serve's own ingress (its Python proxy): what a user of plain Ray Serve gets.
+    reference = Bench(directory / "reference", "bench-ref", {}, serve_ingress="proxy")
     ours = Bench(directory / "ours", "bench-ours", {k: str(v) for k, v in shipped_env.items()})
     try:
         reference.start(aiaas_apps=False)

@@ -39,13 +39,52 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     if config.grafana.url:
         env["RAY_GRAFANA_HOST"] = config.grafana.url
         env["RAY_GRAFANA_IFRAME_HOST"] = config.grafana.iframe_url or config.grafana.url
+    if config.serve_ingress == "haproxy":
+        env.update(haproxy_env(config))
     env.update(config.env)
     return env
+
+
+def haproxy_env(config: ClusterConfig) -> dict[str, str]:
+    """Serve's HAProxy ingress, with this cluster's own files and ports.
+
+    Ray's defaults put HAProxy's config, admin socket and state under one fixed /tmp directory
+    and its stats/metrics on fixed ports, so two clusters on a machine would share them.
+    """
+    files = haproxy_dir(config)
+    return {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # Serve's request path without its thread hops and per-request log flushes; it only
+        # pays off once HAProxy, not the Python proxy, is what clients talk to (BENCHMARKS.md).
+        "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(venv_bin() / "aiaas-haproxy"),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(files),
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(files / "server-state"),
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(files / "metrics.sock"),
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(config.ports.haproxy_stats),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.ports.haproxy_metrics),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(config.ports.serve_fallback_http),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(config.ports.serve_fallback_grpc),
+    }
 
 
 def cluster_dir(config: ClusterConfig) -> Path:
     """The parent of every node's temp dir."""
     return Path(config.temp_root).expanduser() / f"{config.name}-{config.ports.gcs}"
+
+
+#: HAProxy refuses unix socket paths over 97 characters; Serve puts each node's sockets in a
+#: 56-character subdirectory of the directory we name.
+HAPROXY_SOCKET_PATH_MAX = 97
+HAPROXY_SOCKET_SUFFIX = 1 + 56 + len("/metrics.sock")
+
+
+def haproxy_dir(config: ClusterConfig) -> Path:
+    """Serve's HAProxy files: kept short, beside (not in) the cluster dir, for the socket paths."""
+    return Path(config.temp_root).expanduser() / f"hap-{config.ports.gcs}"
 
 
 def venv_bin() -> Path:

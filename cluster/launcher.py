@@ -97,6 +97,7 @@ def down(config: ClusterConfig, echo: Echo = lambda _: None) -> DownResult:
             )
         state.forget(config)
         shutil.rmtree(recorded.cluster_dir, ignore_errors=True)
+        shutil.rmtree(environment.haproxy_dir(config), ignore_errors=True)
         return DownResult(found=True, nodes=[node.name for node in recorded.nodes], processes=count)
 
 
@@ -148,6 +149,13 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
             f"temp_root in {config_path} gives node temp dirs of {longest} characters; Ray's "
             f"socket paths need them under {_MAX_TEMP_DIR + 1}",
             "Set a shorter 'temp_root' (e.g. /tmp/aiaas) or a shorter cluster 'name'.",
+        )
+    sockets = len(str(environment.haproxy_dir(config))) + environment.HAPROXY_SOCKET_SUFFIX
+    if config.serve_ingress == "haproxy" and sockets > environment.HAPROXY_SOCKET_PATH_MAX:
+        raise errors.ConfigError(
+            f"temp_root in {config_path} gives Serve's HAProxy socket paths of {sockets} "
+            f"characters; HAProxy takes at most {environment.HAPROXY_SOCKET_PATH_MAX}",
+            "Set a shorter 'temp_root' (e.g. /tmp/aiaas), or serve_ingress: proxy.",
         )
     object_stores = sum(node.spec.object_store_memory for node in plan(config))
     total = psutil.virtual_memory().total

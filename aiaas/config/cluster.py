@@ -144,6 +144,21 @@ class HeadPorts(ConfigModel):
     prometheus: Port = Field(
         9090, description="the Prometheus that 'aiaas monitor up' starts on 127.0.0.1"
     )
+    haproxy_stats: Port = Field(
+        8404, description="stats page of Serve's HAProxy (serve_ingress: haproxy), on 127.0.0.1"
+    )
+    haproxy_metrics: Port = Field(
+        9101,
+        description="Prometheus endpoint of Serve's HAProxy (serve_ingress: haproxy), on 127.0.0.1",
+    )
+    serve_fallback_http: Port = Field(
+        8500,
+        description="HTTP port of the Serve proxy HAProxy falls back to while an app has no "
+        "ready replica (serve_ingress: haproxy)",
+    )
+    serve_fallback_grpc: Port = Field(
+        9500, description="gRPC port of that fallback proxy (serve_ingress: haproxy)"
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadPorts:
@@ -275,6 +290,12 @@ class ClusterConfig(ConfigModel):
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="the tracking server")
     grafana: GrafanaSpec = Field(
         default_factory=GrafanaSpec, description="the Grafana the Ray dashboard embeds"
+    )
+    serve_ingress: Literal["haproxy", "proxy"] = Field(
+        "haproxy",
+        description="how HTTP reaches Serve's replicas: 'haproxy' (Ray's HAProxy in front of "
+        "each ingress replica's own HTTP port; every listener on 127.0.0.1 here) or 'proxy' "
+        "(Serve's Python proxy actor)",
     )
     env: dict[str, str] = Field(
         default_factory=dict,
