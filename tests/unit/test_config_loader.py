@@ -58,7 +58,8 @@ def test_unknown_key_without_close_match_lists_allowed_fields(tmp_path: Path) ->
     path = _write(tmp_path, VALID + "ports:\n  zzz: 1\n")
     assert _error(path).splitlines()[1] == (
         "  • ports.zzz (line 13): unknown field; allowed fields: gcs, dashboard, client_server, "
-        "metrics_export, prometheus"
+        "metrics_export, prometheus, haproxy_stats, haproxy_metrics, serve_fallback_http, "
+        "serve_fallback_grpc"
     )
 
 

@@ -42,3 +42,37 @@ def test_long_temp_root_is_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigError) as caught:
         launcher.up(config, path)
     assert "Ray's socket paths need them under 43" in str(caught.value)
+
+
+def test_a_temp_root_too_long_for_haproxys_sockets_is_refused_before_anything_starts(
+    tmp_path: Path,
+) -> None:
+    # Short enough for Ray's node dirs, too long for HAProxy's 97-character socket paths.
+    config, path = _config(tmp_path, temp_root="/tmp/" + "h" * 15)
+    with pytest.raises(errors.ConfigError) as caught:
+        launcher.up(config, path)
+    assert f"temp_root in {path} gives Serve's HAProxy socket paths of" in str(caught.value)
+    assert "serve_ingress: proxy" in (caught.value.hint or "")
+    assert state.load(config) is None
+    proxy, _ = _config(tmp_path, temp_root="/tmp/" + "h" * 15, serve_ingress="proxy")
+    assert "HAPROXY" not in " ".join(environment.node_env(proxy))
+
+
+def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path: Path) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one, _ = _config(tmp_path / "one")
+    two, _ = _config(tmp_path / "two")
+    first, second = environment.node_env(one), environment.node_env(two)
+    assert first["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert first["RAY_SERVE_HAPROXY_BINARY_PATH"].endswith("/aiaas-haproxy")
+    for key in (
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH",
+        "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH",
+        "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT",
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    ):
+        assert first[key] != second[key], key
+    assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(environment.haproxy_dir(one)))
