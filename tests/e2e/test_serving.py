@@ -179,6 +179,19 @@ def test_predictions_match_in_process_inference(
     assert f"digits: {served.trained.name}@production → version 1" in status.stdout
 
 
+def test_requests_pass_through_haproxy_and_serves_own_endpoints_stay(served: Served) -> None:
+    answer = httpx.post(served.predict_url(), json={"instances": [[0.0] * 64]}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    stats = yaml.safe_load(served.trained.cluster.config_path.read_text())["ports"]
+    page = httpx.get(f"http://127.0.0.1:{stats['haproxy_stats']}/stats;csv", timeout=30)
+    rows = [line.split(",") for line in page.text.splitlines() if line.startswith("http-digits")]
+    assert rows and sum(int(row[7]) for row in rows) > 0, page.text[:2000]  # stot: sessions
+    health = httpx.get(f"{served.url}/-/healthz", timeout=30)
+    assert health.status_code == 200, health.text
+    routes = httpx.get(f"{served.url}/-/routes", timeout=30)
+    assert routes.status_code == 200 and routes.json().get("/v1/models") == "digits", routes.text
+
+
 def test_every_error_status_has_a_json_body(served: Served) -> None:
     row = [0.0] * 64
 
