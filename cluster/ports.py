@@ -23,12 +23,16 @@ def is_free(port: int) -> bool:
 
 
 def pick_free(count: int, avoid: set[int] | None = None) -> list[int]:
-    """Ports the kernel reports free now, distinct from each other and from ``avoid``."""
+    """Ports the kernel reports free now, distinct from each other and from ``avoid``.
+
+    Asked on the wildcard address: a port free on 127.0.0.1 may still be held on the machine's
+    own address (where Ray's servers listen), and Ray's metrics exporter binds every address.
+    """
     avoid = set(avoid or ())
     picked: list[int] = []
     while len(picked) < count:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            probe.bind(("127.0.0.1", 0))
+            probe.bind(("0.0.0.0", 0))
             port = int(probe.getsockname()[1])
         if port not in avoid and port not in picked:
             picked.append(port)

@@ -41,7 +41,8 @@ def free_ports(count: int) -> list[int]:
     try:
         for _ in range(count):
             probe = socket.socket()
-            probe.bind(("127.0.0.1", 0))
+            # The wildcard address: Ray's servers listen on the machine's own address too.
+            probe.bind(("0.0.0.0", 0))
             sockets.append(probe)
         return [int(probe.getsockname()[1]) for probe in sockets]
     finally:

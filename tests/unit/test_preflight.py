@@ -76,3 +76,31 @@ def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path: Path) -> No
     ):
         assert first[key] != second[key], key
     assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(environment.haproxy_dir(one)))
+
+
+def test_picked_ports_are_free_on_the_machines_own_address_too() -> None:
+    from cluster import ports
+
+    address = ray_node_address()
+    held = []
+    try:
+        # Ray's servers listen on the machine's address; a probe on 127.0.0.1 alone would hand
+        # out their ports (it did: a restarted worker's metrics exporter failed to bind).
+        for _ in range(2000):
+            listener = socket.socket()
+            listener.bind((address, 0))
+            listener.listen()
+            held.append(listener)
+        taken = {listener.getsockname()[1] for listener in held}
+        picked = ports.pick_free(200)
+        assert not taken & set(picked)
+        assert all(ports.is_free(port) for port in picked[:20])
+    finally:
+        for listener in held:
+            listener.close()
+
+
+def ray_node_address() -> str:
+    import ray.util
+
+    return str(ray.util.get_node_ip_address())
