@@ -58,6 +58,9 @@ def haproxy_env(config: ClusterConfig) -> dict[str, str]:
         # Serve's request path without its thread hops and per-request log flushes; it only
         # pays off once HAProxy, not the Python proxy, is what clients talk to (BENCHMARKS.md).
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+        # A replica that refuses a connection is gone (they listen on this machine): mark it
+        # down at once so the retry goes to a live one, not to it twice more (Ray's default 3).
+        "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(venv_bin() / "aiaas-haproxy"),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),
