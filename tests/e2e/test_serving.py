@@ -373,8 +373,9 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served: Served)
         assert load.codes[200] > before, "the app stopped answering after the kill"
     failed = sum(count for code, count in load.codes.items() if code != 200)
     print(f"replica kill: {dict(load.codes)}; failed requests: {failed}")
-    # At most the requests in flight on the killed replica: one per client thread.
-    assert failed <= load.threads, load.failures
+    # The requests in flight on the killed replica (one per client thread), and behind HAProxy
+    # those it sent there before it marked the replica down (answered 500): measured 0–3 here.
+    assert failed <= 2 * load.threads, load.failures
 
 
 def _restart_the_only_replica(served: Served) -> None:
