@@ -30,6 +30,7 @@ _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     404: "not_found_error",
+    405: "invalid_request_error",
     413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
@@ -52,9 +53,17 @@ class ServedModel(BaseModel):
 class ApiError(Exception):
     """An error answered as ``{"error": {"code", "message", "type", "param"}}``."""
 
-    def __init__(self, status: int, code: str, message: str, param: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.param = status, code, message, param
+        self.headers = headers
 
 
 def error_response(
@@ -75,21 +84,58 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def error_for(exc: ApiError | api_keys.Denied) -> JSONResponse:
+    """The JSON answer for one of our errors."""
+    if isinstance(exc, api_keys.Denied):
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"}
+        return error_response(exc.status, exc.code, exc.message, headers=headers)
+    return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """One place maps our errors (and FastAPI's validation errors) to JSON answers."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.param)
+        return error_for(exc)
 
     @app.exception_handler(api_keys.Denied)
     async def _denied(request: Request, exc: api_keys.Denied) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"}
-        return error_response(exc.status, exc.code, exc.message, headers=headers)
+        return error_for(exc)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(422, "invalid_request", str(exc.errors()[:3]))
+
+
+def route(request: Request, verbs: tuple[str, ...]) -> tuple[str | None, str]:
+    """The model name and verb a path below the app's route prefix names.
+
+    ``/`` → ``(None, "")``, ``/NAME`` → ``(NAME, "")``, ``/NAME:VERB`` → ``(NAME, VERB)`` for a
+    verb in ``verbs``; any other path is a 404.
+    """
+    path, root = request.scope["path"], request.scope.get("root_path", "")
+    # Serve mounts the app at root_path; servers differ on whether path repeats it.
+    if root and path.startswith(root):
+        path = path[len(root) :]
+    path = path.strip("/")
+    if not path:
+        return None, ""
+    name, _, verb = path.partition(":")
+    if "/" in name or (verb and verb not in verbs):
+        raise ApiError(404, "not_found", f"no such route: {request.url.path}")
+    return name, verb
+
+
+def require_method(request: Request, method: str) -> None:
+    """A 405 unless the request uses ``method``."""
+    if request.method != method:
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"{request.url.path} takes {method}, not {request.method}",
+            headers={"Allow": method},
+        )
 
 
 async def json_body(request: Request, limit: int) -> Any:

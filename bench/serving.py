@@ -27,6 +27,9 @@ LUA = Path(__file__).with_name("predict.lua")
 ROUNDS = 3
 SECONDS = 4
 MODEL = "bench-mlp"
+#: aiaas's apps run a replica per core of this machine, what the shipped autoscaling reaches
+#: under load; one row also measures a single replica.
+REPLICAS = 2
 
 _REGISTER = """
 import numpy as np, mlflow
@@ -98,7 +101,9 @@ def _wrk(url: str, clients: int, seconds: int = SECONDS, script: Path = LUA) -> 
     }
 
 
-def _app_config(port: int, name: str, prefix: str, **args: Any) -> dict[str, Any]:
+def _app_config(
+    port: int, name: str, prefix: str, replicas: int = REPLICAS, **args: Any
+) -> dict[str, Any]:
     return {
         "proxy_location": "HeadOnly",
         "http_options": {"host": "127.0.0.1", "port": port},
@@ -111,7 +116,7 @@ def _app_config(port: int, name: str, prefix: str, **args: Any) -> dict[str, Any
                 "deployments": [
                     {
                         "name": "ModelServer",
-                        "num_replicas": 1,
+                        "num_replicas": replicas,
                         "max_ongoing_requests": 128,
                         "ray_actor_options": {"num_cpus": 0.25},
                     }
@@ -166,9 +171,11 @@ class Bench:
         if not aiaas_apps:
             self._serve_default()
             return
+        batched = {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}
         for name, prefix, args in (
             ("aiaas-unbatched", "/unbatched", {"max_batch_size": 1}),
-            ("aiaas-batched", "/v1/models", {"max_batch_size": 64, "batch_wait_timeout_s": 0.002}),
+            ("aiaas-batched", "/v1/models", batched),
+            ("aiaas-one-replica", "/one", {"max_batch_size": 1, "replicas": 1}),
         ):
             path = self.directory / f"{name}.yaml"
             path.write_text(yaml.safe_dump(_app_config(self.port, name, prefix, **args)))
@@ -225,6 +232,7 @@ def _urls(ours: Bench, reference: Bench) -> dict[str, str]:
         "serve-default": f"http://127.0.0.1:{reference.port}/ref/digits:predict",
         "aiaas-unbatched": f"{serve}/unbatched/digits:predict",
         "aiaas-batched": f"{serve}/v1/models/digits:predict",
+        "aiaas-one-replica": f"{serve}/one/digits:predict",
     }
 
 
@@ -244,7 +252,7 @@ def _wait_ok(url: str, timeout_s: float = 120) -> None:
 def _measure(urls: dict[str, str]) -> dict[tuple[str, int], list[dict[str, float]]]:
     plan = [
         (1, ["fastapi", "serve-default", "aiaas-unbatched"]),
-        (16, ["fastapi", "serve-default", "aiaas-unbatched"]),
+        (16, ["fastapi", "serve-default", "aiaas-unbatched", "aiaas-one-replica"]),
         (64, ["fastapi", "serve-default", "aiaas-batched", "aiaas-unbatched"]),
     ]
     found: dict[tuple[str, int], list[dict[str, float]]] = {}
@@ -347,6 +355,15 @@ def run() -> list[dict[str, Any]]:
             "FastAPI/uvicorn, 1 worker",
             "req/s",
             0.8,
+            higher=True,
+        ),
+        _row(
+            "throughput, 16 clients, unbatched, 1 replica",
+            med("aiaas-one-replica", 16, "rps"),
+            med("fastapi", 16, "rps"),
+            "FastAPI/uvicorn, 1 worker",
+            "req/s",
+            None,
             higher=True,
         ),
         _row(

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from aiaas import api_keys, artifacts, registry, serve_http
 from aiaas import metrics as aiaas_metrics
@@ -59,10 +60,6 @@ class Args(BaseModel):
     threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
 
 
-app = FastAPI(title="aiaas model server", docs_url=None, redoc_url=None)
-serve_http.install_error_handlers(app)
-
-
 @dataclass
 class Loaded:
     """A version loaded in this replica."""
@@ -73,17 +70,24 @@ class Loaded:
     loaded_at: float
 
 
-@serve.deployment(name="ModelServer", max_ongoing_requests=64)
-@serve.ingress(app)
+# Serve's access log writes a line per request from the replica's event loop: ~20% of its
+# throughput here. Off by default; `logging_config: {enable_access_log: true}` in the
+# deployment's entry of the Serve config turns it on.
+@serve.deployment(
+    name="ModelServer", max_ongoing_requests=64, logging_config={"enable_access_log": False}
+)
 class ModelServer:
-    """Serves every model of :class:`Args` from one replica, with batching across requests."""
+    """Serves every model of :class:`Args` from one replica, with batching across requests.
+
+    Routes by hand instead of through a FastAPI ingress: for a model this small, FastAPI's
+    routing, parameter solving and response encoding cost more per request than the model
+    (BENCHMARKS.md, "Where serving time goes").
+    """
 
     def __init__(self, args: Args) -> None:
         self.args = args
         self.pending = 0
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
-        # Methods of an ingress class travel by value: helpers they use live on the class or
-        # in importable modules, never as this module's private functions.
         self.keys = (
             api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
             if args.api_keys_file
@@ -96,6 +100,7 @@ class ModelServer:
         self.latency = aiaas_metrics.SERVE_LATENCY.create(serve=True)
         self.batch_sizes = aiaas_metrics.SERVE_BATCH_SIZE.create(serve=True)
         self.queue = aiaas_metrics.SERVE_PENDING.create(serve=True)
+        self._pending_written, self._pending_shown = 0.0, 0
 
     def _load(self, version: registry.Version) -> Loaded:
         predictor = artifacts.load(version, threads=self.args.threads)
@@ -109,16 +114,24 @@ class ModelServer:
         """Switch to the pinned versions: load beside the old one, then swap."""
         await self.slots.apply(user_config)
 
-    @app.get("/")
-    async def list_models(self) -> dict[str, Any]:
-        return {"models": [self._status(name) for name in self.slots.entries]}
+    async def __call__(self, request: Request) -> Response:
+        try:
+            name, verb = serve_http.route(request, ("predict",))
+            if name is None:
+                serve_http.require_method(request, "GET")
+                return JSONResponse({"models": [self._status(n) for n in self.slots.entries]})
+            if verb:
+                serve_http.require_method(request, "POST")
+                return JSONResponse(await self.predict(name, request))
+            serve_http.require_method(request, "GET")
+            self.slots.get(name)
+            return JSONResponse(self._status(name))
+        except (serve_http.ApiError, api_keys.Denied) as exc:
+            return serve_http.error_for(exc)
+        except Exception:  # a fault of ours: logged whole, answered without a traceback
+            logger.exception("request %s %s failed", request.method, request.url.path)
+            return serve_http.error_response(500, "internal_error", "the server failed")
 
-    @app.get("/{name}")
-    async def model_status(self, name: str) -> dict[str, Any]:
-        self.slots.get(name)
-        return self._status(name)
-
-    @app.post("/{name}:predict")
     async def predict(self, name: str, request: Request) -> Any:
         started = time.perf_counter()
         loaded = self.slots.get(name)
@@ -131,19 +144,22 @@ class ModelServer:
                 raise serve_http.ApiError(
                     503, "overloaded", "the model is overloaded; retry shortly"
                 )
-            self.pending += 1
-            self.queue.set(self.pending, tags={"model": name})
+            self._count_pending(name, +1)
             try:
-                batcher: Any = self.predict_batch  # type: ignore[misc]
-                predictions, version = await asyncio.wait_for(
-                    batcher(name, rows), timeout=self.args.request_timeout_s
-                )
+                # asyncio.timeout, not wait_for: no extra task per request.
+                async with asyncio.timeout(self.args.request_timeout_s):
+                    if self.args.max_batch_size == 1:
+                        # A batch of one gains nothing from @serve.batch's queue and task.
+                        predictions, version = self._predict(name, rows)
+                    else:
+                        batcher: Any = self.predict_batch  # type: ignore[misc]
+                        predictions, version = await batcher(name, rows)
             except TimeoutError:
                 raise serve_http.ApiError(
                     504, "timeout", f"no answer within {self.args.request_timeout_s:g}s"
                 ) from None
             finally:
-                self.pending -= 1
+                self._count_pending(name, -1)
             return {"predictions": predictions, "model": name, "version": version}
         except (serve_http.ApiError, api_keys.Denied) as exc:
             code = str(exc.status)
@@ -153,23 +169,35 @@ class ModelServer:
             self.requests.inc(tags={**tags, "code": code})
             self.latency.observe((time.perf_counter() - started) * 1000, tags=tags)
 
+    def _count_pending(self, name: str, change: int) -> None:
+        """Track pending requests; the gauge is written at most every half second (and when
+        the replica goes idle), not twice per request."""
+        self.pending += change
+        now = time.monotonic()
+        idle_again = self.pending == 0 and self._pending_shown != 0
+        if idle_again or now - self._pending_written >= 0.5:
+            self.queue.set(self.pending, tags={"model": name})
+            self._pending_written, self._pending_shown = now, self.pending
+
+    def _predict(self, name: str, rows: np.ndarray) -> tuple[list[int], str]:
+        # The version is read once, so the answer names the version that produced it.
+        loaded = self.slots.loaded[name]
+        return loaded.predictor.predict(rows).argmax(axis=1).tolist(), loaded.version
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)  # type: ignore[arg-type]
     async def predict_batch(  # type: ignore[misc]
         self, names: list[str], batches: list[np.ndarray]
     ) -> list[tuple[list[int], str]]:
         results: list[tuple[list[int], str]] = [([], "")] * len(names)
         for name in set(names):
-            # Requests for one model run as one call; the version is read once so every
-            # answer of the batch names the version that produced it.
-            loaded = self.slots.loaded[name]
+            # Requests for one model run as one call.
             members = [i for i, n in enumerate(names) if n == name]
-            stacked = np.concatenate([batches[i] for i in members])
-            classes = loaded.predictor.predict(stacked).argmax(axis=1).tolist()
+            classes, version = self._predict(name, np.concatenate([batches[i] for i in members]))
             self.batch_sizes.observe(len(members), tags={"model": name})
             offset = 0
             for i in members:
                 size = len(batches[i])
-                results[i] = (classes[offset : offset + size], loaded.version)
+                results[i] = (classes[offset : offset + size], version)
                 offset += size
         return results
 

@@ -226,6 +226,13 @@ def test_every_error_status_has_a_json_body(served: Served) -> None:
     assert "served: digits" in error["message"]
     missing = httpx.get(f"{served.url}/v1/models/nope", timeout=30)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    # The server routes by hand (no FastAPI): unknown routes and wrong methods still get JSON.
+    for path in ("/v1/models/digits/extra", "/v1/models/digits:explain"):
+        answer = httpx.post(f"{served.url}{path}", json={"instances": [row]}, timeout=30)
+        assert answer.status_code == 404 and answer.json()["error"]["code"] == "not_found", path
+    wrong = httpx.get(served.predict_url(), timeout=30)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    assert wrong.json()["error"]["code"] == "method_not_allowed"
 
 
 def test_api_keys_rate_limits_and_overload(served: Served) -> None:

@@ -72,6 +72,29 @@ def test_every_listener_is_pinned_to_loopback_and_haproxy_accepts_the_result(
     assert len(pinned.splitlines()) == len(rendered.splitlines())
 
 
+def test_the_access_log_is_dropped_unless_configured_and_metrics_logging_stays(
+    tmp_path: Path,
+) -> None:
+    path = _render(tmp_path)
+    rendered = path.read_text()
+    access = re.compile(r"^\s*log 127\.0\.0\.1:514 local0", re.MULTILINE)
+    assert access.search(rendered), rendered
+    checked = subprocess.run(
+        [str(support.BIN / "aiaas-haproxy"), "-c", "-f", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**support.env(), "AIAAS_HAPROXY_ACCESS_LOG": "0"},
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    pinned = path.read_text()
+    assert not access.search(pinned), pinned
+    # Serve's own log lines stay: the metrics socket (local1) and every `log global`.
+    assert pinned.count("metrics.sock len") == rendered.count("metrics.sock len") == 1
+    assert pinned.count("log global") == rendered.count("log global")
+    assert len(pinned.splitlines()) == len(rendered.splitlines()) - 1
+
+
 def test_only_addresses_of_this_machine_count_as_local() -> None:
     assert haproxy_loopback.is_local_address("127.0.0.1")
     assert haproxy_loopback.is_local_address(ray.util.get_node_ip_address())

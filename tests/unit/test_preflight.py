@@ -78,6 +78,23 @@ def test_each_cluster_gets_its_own_haproxy_files_and_ports(tmp_path: Path) -> No
     assert first["RAY_SERVE_HAPROXY_SOCKET_PATH"].startswith(str(environment.haproxy_dir(one)))
 
 
+def test_haproxy_logs_and_parses_no_line_per_request_unless_configured(tmp_path: Path) -> None:
+    (tmp_path / "lean").mkdir()
+    (tmp_path / "logged").mkdir()
+    lean, _ = _config(tmp_path / "lean")
+    env = environment.node_env(lean)
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
+    assert env["AIAAS_HAPROXY_ACCESS_LOG"] == "0"
+    assert "RAY_SERVE_HAPROXY_LOG_TARGET" not in env
+    logged, _ = _config(
+        tmp_path / "logged", haproxy_access_log="/dev/log", haproxy_request_metrics=True
+    )
+    env = environment.node_env(logged)
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "1"
+    assert env["AIAAS_HAPROXY_ACCESS_LOG"] == "1"
+    assert env["RAY_SERVE_HAPROXY_LOG_TARGET"] == "/dev/log"
+
+
 def test_picked_ports_are_free_on_the_machines_own_address_too() -> None:
     from cluster import ports
 
