@@ -71,6 +71,7 @@ def haproxy_env(config: ClusterConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.ports.haproxy_metrics),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(config.ports.serve_fallback_http),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(config.ports.serve_fallback_grpc),
+        "RAY_SERVE_HAPROXY_RETRY_ON": config.haproxy_retry_on,
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1" if config.haproxy_request_metrics else "0",
         # Ray's default target is a syslog port that nothing here listens on: a datagram and
         # an ICMP error per request for a log nobody reads. aiaas-haproxy drops it when unset.

@@ -259,6 +259,19 @@ class DeploySpec(ConfigModel):
     )
 
 
+#: HAProxy 2.8's retry-on keywords and the statuses it may retry on.
+_RETRY_ON = (
+    "none",
+    "conn-failure",
+    "empty-response",
+    "junk-response",
+    "response-timeout",
+    "0rtt-rejected",
+    "all-retryable-errors",
+    *("401", "403", "404", "408", "425", "500", "501", "502", "503", "504"),
+)
+
+
 class ClusterConfig(ConfigModel):
     """A Ray cluster: one head, groups of workers, where data lives, which ports it uses."""
 
@@ -305,6 +318,13 @@ class ClusterConfig(ConfigModel):
         "replicas, which record them by default; only HAProxy's view counts the requests it "
         "answers itself (unknown routes, no replica ready)",
     )
+    haproxy_retry_on: str = Field(
+        "conn-failure empty-response",
+        description="with serve_ingress: haproxy, HAProxy's retry-on: which failures it replays "
+        "on another replica. 'empty-response' replays a request whose replica died before "
+        "answering (a killed replica then fails no request); it suits aiaas's apps, whose "
+        "requests are idempotent inference. Ray's default is 'conn-failure' only",
+    )
     haproxy_access_log: str | None = Field(
         None,
         description="with serve_ingress: haproxy, where HAProxy sends its per-request access "
@@ -321,6 +341,17 @@ class ClusterConfig(ConfigModel):
     deploy: DeploySpec = Field(
         default_factory=DeploySpec, description="how 'cluster render' targets ray up / KubeRay"
     )
+
+    @field_validator("haproxy_retry_on")
+    @classmethod
+    def _haproxy_retry_keywords(cls, value: str) -> str:
+        unknown = [word for word in value.split() if word not in _RETRY_ON]
+        if unknown or not value.split():
+            raise ValueError(
+                f"'{' '.join(unknown) or value}' is not an HAProxy retry-on keyword; use "
+                f"space-separated words from: {', '.join(_RETRY_ON)}"
+            )
+        return value
 
     @field_validator("storage_root")
     @classmethod

@@ -380,8 +380,10 @@ def test_a_killed_replica_is_replaced_and_only_its_requests_fail(served: Served)
         assert load.codes[200] > before, "the app stopped answering after the kill"
     failed = sum(count for code, count in load.codes.items() if code != 200)
     print(f"replica kill: {dict(load.codes)}; failed requests: {failed}")
-    # The requests in flight on the killed replica (one per client thread), and behind HAProxy
-    # those it sent there before it marked the replica down (answered 500): measured 0–3 here.
+    # At most the requests in flight on the killed replica (one per client thread); HAProxy
+    # replays those that got no answer (haproxy_retry_on: empty-response), and marks the replica
+    # down at its first refused connection. Measured 1 alone; the bound allows what HAProxy
+    # answered 500 before marking it down in one full-suite run (3) on top.
     assert failed <= 2 * load.threads, load.failures
 
 

@@ -86,6 +86,7 @@ def test_haproxy_logs_and_parses_no_line_per_request_unless_configured(tmp_path:
     assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
     assert env["AIAAS_HAPROXY_ACCESS_LOG"] == "0"
     assert "RAY_SERVE_HAPROXY_LOG_TARGET" not in env
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
     logged, _ = _config(
         tmp_path / "logged", haproxy_access_log="/dev/log", haproxy_request_metrics=True
     )
