@@ -149,7 +149,13 @@ class ModelServer:
                 # asyncio.timeout, not wait_for: no extra task per request.
                 async with asyncio.timeout(self.args.request_timeout_s):
                     if self.args.max_batch_size == 1:
-                        # A batch of one gains nothing from @serve.batch's queue and task.
+                        # A batch of one gains nothing from @serve.batch's queue and task. But
+                        # Serve's autoscaling samples ongoing requests between event-loop
+                        # steps, and a request that runs in one step is never seen: an
+                        # overloaded replica then reports no load and is never scaled out.
+                        # Measured here: 1 yield, no scale-out in 60 s; 2, 9.6 s; 3, 8–9 s.
+                        for _ in range(3):
+                            await asyncio.sleep(0)
                         predictions, version = self._predict(name, rows)
                     else:
                         batcher: Any = self.predict_batch  # type: ignore[misc]
@@ -163,6 +169,9 @@ class ModelServer:
             return {"predictions": predictions, "model": name, "version": version}
         except (serve_http.ApiError, api_keys.Denied) as exc:
             code = str(exc.status)
+            raise
+        except Exception:
+            code = "500"
             raise
         finally:
             tags = {"model": name, "version": loaded.version}
