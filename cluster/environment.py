@@ -71,11 +71,18 @@ def haproxy_env(config: ClusterConfig) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(config.ports.haproxy_metrics),
         "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(config.ports.serve_fallback_http),
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(config.ports.serve_fallback_grpc),
+        # Ray's default log target is a syslog port that nothing here listens on: a datagram
+        # and an ICMP error per request for a log nobody reads. aiaas-haproxy drops it if unset.
+        "AIAAS_HAPROXY_ACCESS_LOG": "1" if config.haproxy_access_log else "0",
+        **haproxy_settings_env(config),
+    }
+
+
+def haproxy_settings_env(config: ClusterConfig) -> dict[str, str]:
+    """The cluster config's HAProxy settings as Serve reads them (here and in rendered clusters)."""
+    return {
         "RAY_SERVE_HAPROXY_RETRY_ON": config.haproxy_retry_on,
         "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1" if config.haproxy_request_metrics else "0",
-        # Ray's default target is a syslog port that nothing here listens on: a datagram and
-        # an ICMP error per request for a log nobody reads. aiaas-haproxy drops it when unset.
-        "AIAAS_HAPROXY_ACCESS_LOG": "1" if config.haproxy_access_log else "0",
         **(
             {"RAY_SERVE_HAPROXY_LOG_TARGET": config.haproxy_access_log}
             if config.haproxy_access_log

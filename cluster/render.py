@@ -15,6 +15,7 @@ from typing import Any
 
 from aiaas import errors
 from aiaas.config.cluster import ClusterConfig, NodeSpec
+from cluster import environment
 
 RAY_VERSION = "2.60.0"
 # Where `ray up` and KubeRay put the project on every node.
@@ -170,13 +171,7 @@ def _env(config: ClusterConfig) -> dict[str, str]:
         {
             "RAY_SERVE_ENABLE_HA_PROXY": "1",
             "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-            "RAY_SERVE_HAPROXY_RETRY_ON": config.haproxy_retry_on,
-            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "1" if config.haproxy_request_metrics else "0",
-            **(
-                {"RAY_SERVE_HAPROXY_LOG_TARGET": config.haproxy_access_log}
-                if config.haproxy_access_log
-                else {}
-            ),
+            **environment.haproxy_settings_env(config),
         }
         if config.serve_ingress == "haproxy"
         else {}
