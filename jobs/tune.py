@@ -100,6 +100,7 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
                 mode=config.mode,
                 num_samples=config.num_samples,
                 max_concurrent_trials=config.max_concurrent_trials,
+                search_alg=search_algorithm(config),
                 scheduler=_scheduler(config, _max_epochs(config, base)),
             ),
             run_config=tune.RunConfig(
@@ -136,6 +137,15 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
         },
     )
     return outcome
+
+
+def search_algorithm(config: TuneConfig) -> Any:
+    """Random and grid sampling, seeded by the config so a search can be drawn again."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(
+        max_concurrent=config.max_concurrent_trials, random_state=config.seed
+    )
 
 
 def _max_epochs(config: TuneConfig, base: TrainConfig) -> int:

@@ -102,6 +102,9 @@ class TuneConfig(ConfigModel):
     mode: Literal["max", "min"] = Field("max", description="whether the metric is maximised")
     num_samples: PositiveInt = Field(8, description="trials (with grid: repeats of the grid)")
     max_concurrent_trials: PositiveInt = Field(2, description="trials running at once")
+    seed: int | None = Field(
+        None, ge=0, description="seeds the sampling: the same seed draws the same trial values"
+    )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="early stopping")
     scaling: ScalingSpec | None = Field(
         None, description="workers and resources of each trial (default: the train config's)"

@@ -196,6 +196,33 @@ def test_tune_values_are_set_at_their_paths() -> None:
     assert base["optimizer"]["lr"] == 0.1  # the base is left alone
 
 
+def _drawn_trials(config: object) -> list[dict[str, object]]:
+    from ray import tune
+
+    from jobs.tune import search_algorithm
+
+    tune.register_trainable("aiaas_seed_probe", lambda _: None)
+    search = search_algorithm(config.model_copy(update={"max_concurrent_trials": 100}))
+    search.add_configurations(
+        {"probe": {"run": "aiaas_seed_probe", "config": config.param_space(), "num_samples": 8}}
+    )
+    drawn = []
+    while (trial := search.next_trial()) is not None:
+        drawn.append(trial.config)
+    return drawn
+
+
+def test_a_tune_seed_draws_the_same_trials_again() -> None:
+    from aiaas.config.tune import TuneConfig
+
+    config = loader.load("configs/tune/tiny/digits_mlp.yaml", TuneConfig)
+    assert config.seed is not None
+    first = _drawn_trials(config)
+    assert len(first) == 8
+    assert _drawn_trials(config) == first
+    assert _drawn_trials(config.model_copy(update={"seed": config.seed + 1})) != first
+
+
 def test_serve_failures_are_told_by_their_exception_not_their_frames() -> None:
     from aiaas import serving
 
