@@ -8,6 +8,7 @@ version holds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -83,21 +84,19 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
             f"{version.name}:{version.version} is an embedding model, not a classifier",
             "Serve it with serve_apps.embeddings (configs/serve/embeddings.yaml).",
         )
-    import mlflow
-    import torch
-
-    torch.set_num_threads(threads)
     try:
-        local = _local_copy(version, mlflow)
+        local = _local_copy(version)
+        described = _described(local)
         predictor: Predictor
         if version.format == "onnx":
+            # No torch here: importing it is a second of a new replica's start.
             predictor = OnnxPredictor(str(Path(local) / "model.onnx"), threads)
         else:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch's notes on quantized storage
-                module = mlflow.pytorch.load_model(local, map_location="cpu")
-            predictor = TorchPredictor(module, version.format)
-        predictor.input_shape = _input_shape(local)
+            import torch
+
+            torch.set_num_threads(threads)
+            predictor = TorchPredictor(_torch_module(local, described), version.format)
+        predictor.input_shape = _input_shape(described)
         return predictor
     except Exception as exc:  # MLflow, torch and onnxruntime each raise their own types
         cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
@@ -107,7 +106,7 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
         ) from exc
 
 
-def _local_copy(version: registry.Version, mlflow: Any) -> str:
+def _local_copy(version: registry.Version) -> str:
     """The version's artifact on local disk, downloaded once per machine and version."""
     root = os.environ.get("AIAAS_MODEL_CACHE") or f"{tempfile.gettempdir()}/aiaas-models"
     # The run id makes the key unique across registries that reuse names and numbers.
@@ -115,6 +114,8 @@ def _local_copy(version: registry.Version, mlflow: Any) -> str:
     cache = Path(root) / f"{version.name}-{version.version}-{key}"
     if (cache / "MLmodel").exists():
         return str(cache)
+    import mlflow
+
     cache.parent.mkdir(parents=True, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=".download-", dir=cache.parent)
     mlflow.artifacts.download_artifacts(
@@ -128,11 +129,43 @@ def _local_copy(version: registry.Version, mlflow: Any) -> str:
     return str(cache)
 
 
-def _input_shape(local: str) -> tuple[int, ...] | None:
-    from mlflow.models import Model
+def _described(local: str) -> dict[str, Any]:
+    """The artifact's MLmodel file: its flavors and signature."""
+    import yaml
 
-    signature = Model.load(local).signature
-    inputs = signature.inputs.to_dict() if signature and signature.inputs else []
+    found = yaml.safe_load((Path(local) / "MLmodel").read_text())
+    return found if isinstance(found, dict) else {}
+
+
+def _torch_module(local: str, described: dict[str, Any]) -> Any:
+    """The module MLflow's pytorch flavor saved.
+
+    The flavor's file (a pickled module, or a TorchScript archive that ``torch.load`` hands to
+    ``torch.jit.load``) is read as MLflow reads it, without importing MLflow: that import is
+    ~0.6 s of every new replica's start, ~1 s on a loaded machine. Anything else, or pickle
+    turned off by ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, goes through MLflow.
+    """
+    import torch
+
+    flavor = (described.get("flavors") or {}).get("pytorch") or {}
+    saved = Path(local) / str(flavor.get("model_data", "data")) / "model.pth"
+    pickle_allowed = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true").lower() in (
+        "true",
+        "1",
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's notes on quantized storage and TorchScript
+        if saved.is_file() and not flavor.get("code") and pickle_allowed:
+            return torch.load(saved, map_location="cpu", weights_only=False)
+        import mlflow
+
+        return mlflow.pytorch.load_model(local, map_location="cpu")
+
+
+def _input_shape(described: dict[str, Any]) -> tuple[int, ...] | None:
+    """One row's shape from the signature MLflow recorded (a JSON list of tensor specs)."""
+    signature = described.get("signature") or {}
+    inputs = json.loads(signature["inputs"]) if signature.get("inputs") else []
     if len(inputs) != 1 or "tensor-spec" not in inputs[0]:
         return None
     return tuple(int(size) for size in inputs[0]["tensor-spec"]["shape"][1:])
@@ -230,7 +263,7 @@ def load_embedder(version: registry.Version, threads: int = 1) -> Embedder:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
     try:
-        local = _local_copy(version, mlflow)
+        local = _local_copy(version)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model = mlflow.sentence_transformers.load_model(local)

@@ -71,6 +71,32 @@ class Version:
     def uri(self) -> str:
         return f"models:/{self.name}/{self.version}"
 
+    def pin(self) -> dict[str, str]:
+        """What a Serve replica needs to load this version without asking the registry."""
+        return {
+            "model": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "format": self.format,
+        }
+
+    @classmethod
+    def from_pin(cls, pin: dict[str, Any]) -> Version:
+        """The version a :meth:`pin` describes (registration finished: only those are pinned).
+
+        Raises:
+            KeyError: The pin lacks a field.
+        """
+        return cls(
+            name=str(pin["model"]),
+            version=str(pin["version"]),
+            run_id=str(pin["run_id"]),
+            created=0.0,
+            tags={FORMAT_TAG: str(pin["format"]), READY_TAG: "true"},
+            source=str(pin["source"]),
+        )
+
 
 def tracking_uri() -> str:
     """The MLflow tracking URI from the environment (set on every node by ``cluster up``)."""

@@ -109,7 +109,7 @@ def deploy(
                     "Serve embedding models with serve_apps.embeddings:build_app and "
                     "classifiers with serve_apps.model_server:build_app.",
                 )
-            pins[entry["name"]] = version.version
+            pins[entry["name"]] = version
         _set_pins(app, pins)
     if dry_run:
         return [str(app["name"]) for app in apps]
@@ -134,7 +134,9 @@ def deploy(
     return names
 
 
-def _set_pins(app: dict[str, Any], pins: dict[str, str]) -> None:
+def _set_pins(app: dict[str, Any], pins: dict[str, registry.Version]) -> None:
+    """Pin versions in the app's ``user_config``: the numbers, and a record of each that lets
+    a new replica load it without asking the registry."""
     deployment = MODEL_APPS[str(app["import_path"])].deployment
     deployments = app.setdefault("deployments", [])
     mine = [d for d in deployments if d.get("name") == deployment]
@@ -142,7 +144,10 @@ def _set_pins(app: dict[str, Any], pins: dict[str, str]) -> None:
         deployments.append({"name": deployment})
         mine = deployments[-1:]
     user_config = dict(mine[0].get("user_config") or {})
-    user_config["versions"] = {**user_config.get("versions", {}), **pins}
+    numbers = {route: version.version for route, version in pins.items()}
+    records = {route: version.pin() for route, version in pins.items()}
+    user_config["versions"] = {**user_config.get("versions", {}), **numbers}
+    user_config["version_records"] = {**user_config.get("version_records", {}), **records}
     mine[0]["user_config"] = user_config
 
 
@@ -318,6 +323,7 @@ def follow_alias(
         apps = _deployed_apps(details)
         previous = copy.deepcopy(apps)
         changed: dict[str, list[str]] = {}
+        chosen: registry.Version | None = None
         for app_name, app in apps.items():
             if app.get("import_path") not in MODEL_APPS:
                 continue
@@ -327,7 +333,10 @@ def follow_alias(
                 if e["model"] == reference
             ]
             if routes:
-                _set_pins(app, {route: version for route in routes})
+                chosen = chosen or registry.resolve(
+                    registry.ModelRef(name, version=version), cluster.mlflow_url()
+                )
+                _set_pins(app, {route: chosen for route in routes})
                 changed[app_name] = routes
         if not changed:
             return []

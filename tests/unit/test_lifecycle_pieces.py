@@ -245,3 +245,39 @@ def test_serve_failures_are_told_by_their_exception_not_their_frames() -> None:
     assert told.endswith("INVALID_PROTOBUF : Load model failed: Protobuf parsing failed.")
     assert "File " not in told and "line 4082" not in told
     assert serving._app_message({"message": "plain words"}) == "plain words"
+
+
+def test_a_replica_loads_a_recorded_pin_without_asking_the_registry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from aiaas import registry, serve_http
+
+    # No registry at all: any question to it fails.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    pinned = registry.Version(
+        name="digits-mlp",
+        version="3",
+        run_id="r3",
+        created=0.0,
+        tags={registry.FORMAT_TAG: "onnx", registry.READY_TAG: "true"},
+        source="models:/m-3",
+    )
+    served = [serve_http.ServedModel(name="digits", model="digits-mlp@production")]
+    user_config = {"versions": {"digits": "3"}, "version_records": {"digits": pinned.pin()}}
+    slots = serve_http.Slots(served, lambda version: version, user_config)
+    loaded = slots.loaded["digits"]
+    assert (loaded.name, loaded.version, loaded.format, loaded.source, loaded.ready) == (
+        "digits-mlp",
+        "3",
+        "onnx",
+        "models:/m-3",
+        True,
+    )
+    assert loaded.uri == "models:/digits-mlp/3"
+
+    # A pin whose record names another version (or no record) goes to the registry.
+    stale = {"versions": {"digits": "4"}, "version_records": {"digits": pinned.pin()}}
+    with pytest.raises(errors.ClusterError, match="MLFLOW_TRACKING_URI"):
+        serve_http.Slots(served, lambda version: version, stale)
+    with pytest.raises(errors.ClusterError, match="MLFLOW_TRACKING_URI"):
+        serve_http.Slots(served, lambda version: version, {"versions": {"digits": "3"}})
