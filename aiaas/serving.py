@@ -94,7 +94,7 @@ def deploy(
         kind = MODEL_APPS.get(str(app.get("import_path")))
         if kind is None:
             continue
-        pins = {}
+        pins: dict[str, registry.Version | str] = {}
         for entry in (app.get("args") or {}).get("models", []):
             where = f"{path}: app '{app['name']}', model '{entry['name']}'"
             try:
@@ -134,9 +134,10 @@ def deploy(
     return names
 
 
-def _set_pins(app: dict[str, Any], pins: dict[str, registry.Version]) -> None:
-    """Pin versions in the app's ``user_config``: the numbers, and a record of each that lets
-    a new replica load it without asking the registry."""
+def _set_pins(app: dict[str, Any], pins: dict[str, registry.Version | str]) -> None:
+    """Pin versions in the app's ``user_config``: the numbers, and for each version given whole
+    a record that lets a new replica load it without asking the registry (a bare number's
+    replicas ask the registry)."""
     deployment = MODEL_APPS[str(app["import_path"])].deployment
     deployments = app.setdefault("deployments", [])
     mine = [d for d in deployments if d.get("name") == deployment]
@@ -144,10 +145,15 @@ def _set_pins(app: dict[str, Any], pins: dict[str, registry.Version]) -> None:
         deployments.append({"name": deployment})
         mine = deployments[-1:]
     user_config = dict(mine[0].get("user_config") or {})
-    numbers = {route: version.version for route, version in pins.items()}
-    records = {route: version.pin() for route, version in pins.items()}
-    user_config["versions"] = {**user_config.get("versions", {}), **numbers}
-    user_config["version_records"] = {**user_config.get("version_records", {}), **records}
+    versions = dict(user_config.get("versions", {}))
+    records = dict(user_config.get("version_records", {}))
+    for route, version in pins.items():
+        if isinstance(version, registry.Version):
+            versions[route], records[route] = version.version, version.pin()
+        else:
+            versions[route] = version
+            records.pop(route, None)
+    user_config["versions"], user_config["version_records"] = versions, records
     mine[0]["user_config"] = user_config
 
 
@@ -323,7 +329,7 @@ def follow_alias(
         apps = _deployed_apps(details)
         previous = copy.deepcopy(apps)
         changed: dict[str, list[str]] = {}
-        chosen: registry.Version | None = None
+        chosen: registry.Version | str | None = None
         for app_name, app in apps.items():
             if app.get("import_path") not in MODEL_APPS:
                 continue
@@ -333,9 +339,7 @@ def follow_alias(
                 if e["model"] == reference
             ]
             if routes:
-                chosen = chosen or registry.resolve(
-                    registry.ModelRef(name, version=version), cluster.mlflow_url()
-                )
+                chosen = chosen or _whole_version(name, version, cluster.mlflow_url())
                 _set_pins(app, {route: chosen for route in routes})
                 changed[app_name] = routes
         if not changed:
@@ -383,6 +387,15 @@ def follow_alias(
                 exc.hint,
             ) from None
     return list(changed)
+
+
+def _whole_version(name: str, version: str, uri: str | None) -> registry.Version | str:
+    """The version to pin with its record; just its number when the registry cannot say (the
+    replicas then ask it themselves, as before records existed)."""
+    try:
+        return registry.resolve(registry.ModelRef(name, version=version), uri)
+    except errors.AiaasError:
+        return version
 
 
 def _failure_path(app_name: str) -> str:

@@ -281,3 +281,27 @@ def test_a_replica_loads_a_recorded_pin_without_asking_the_registry(
         serve_http.Slots(served, lambda version: version, stale)
     with pytest.raises(errors.ClusterError, match="MLFLOW_TRACKING_URI"):
         serve_http.Slots(served, lambda version: version, {"versions": {"digits": "3"}})
+
+
+def test_pins_carry_a_record_only_for_versions_given_whole() -> None:
+    from aiaas import registry, serving
+
+    app = {"import_path": "serve_apps.model_server:build_app", "name": "digits"}
+    whole = registry.Version(
+        name="digits-mlp",
+        version="2",
+        run_id="r2",
+        created=0.0,
+        tags={registry.FORMAT_TAG: "torch"},
+        source="models:/m-2",
+    )
+    serving._set_pins(app, {"digits": whole, "other": whole})
+    user_config = app["deployments"][0]["user_config"]
+    assert user_config["versions"] == {"digits": "2", "other": "2"}
+    assert user_config["version_records"]["digits"] == whole.pin()
+
+    # A bare number (the registry could not be asked) drops the now stale record.
+    serving._set_pins(app, {"digits": "3"})
+    user_config = app["deployments"][0]["user_config"]
+    assert user_config["versions"] == {"digits": "3", "other": "2"}
+    assert set(user_config["version_records"]) == {"other"}
