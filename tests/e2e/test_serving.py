@@ -86,6 +86,16 @@ def _apps(served: Served) -> list[str]:
     return list((_details(served).get("applications") or {}).keys())
 
 
+def _delete(served: Served, app: str) -> None:
+    """Delete an app and wait until Serve has let it go, so later tests see the cluster's
+    CPUs as before."""
+    assert served.cli("serve", "delete", app).returncode == 0
+    deadline = time.monotonic() + 60
+    while app in _apps(served):
+        assert time.monotonic() < deadline, f"app {app} still there 60 s after its delete"
+        time.sleep(0.5)
+
+
 def _replicas(served: Served, app: str = "digits") -> list[dict]:
     deployments = _details(served)["applications"][app]["deployments"]
     return [r for d in deployments.values() for r in d["replicas"] if r["state"] == "RUNNING"]
@@ -397,6 +407,38 @@ def _restart_the_only_replica(served: Served) -> None:
     while not [r for r in _replicas(served) if r["replica_id"] != replicas[0]["replica_id"]]:
         assert time.monotonic() < deadline, "Serve did not start a new replica"
         time.sleep(0.5)
+
+
+def test_replicas_load_their_pinned_version_with_the_registry_unreachable(
+    served: Served, tmp_path: Path
+) -> None:
+    # This app's replicas see a registry address nothing listens on; only the record `serve
+    # deploy` wrote beside the pin (and the artifact this machine already cached) can load them.
+    path = _serve_config(
+        tmp_path,
+        served.port,
+        f"{served.trained.name}:{served.trained.version}",
+        name="offline",
+        route_prefix="/offline",
+    )
+    config = yaml.safe_load(path.read_text())
+    deployment = config["applications"][0]["deployments"][0]
+    deployment["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1}
+    deployment["ray_actor_options"]["runtime_env"] = {
+        "env_vars": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{support.free_ports(1)[0]}"}
+    }
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    deployed = served.cli("serve", "deploy", str(path))
+    try:
+        assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+        answer = httpx.post(
+            served.predict_url("/offline"), json={"instances": [[0.0] * 64]}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["version"] == served.trained.version
+    finally:
+        if "offline" in _apps(served):  # a failed deploy has already put the old apps back
+            _delete(served, "offline")
 
 
 @pytest.mark.slow
