@@ -324,9 +324,10 @@ def run() -> list[dict[str, Any]]:
     scaling = shipped["applications"][0]["deployments"][0]["autoscaling_config"]
     defaults = {"min_replicas": 1, "max_replicas": scaling["max_replicas"]}
     # One cluster at a time: an idle cluster's own processes (dashboard, agents, Serve's
-    # controller and proxy) wake up every second at normal priority, ahead of the measured
-    # cluster's Serve replicas, which Ray runs at nice 15. With the reference cluster idling
-    # beside ours, aiaas's p99 at 16 clients measured 6.2x FastAPI's; alone, 1.6x.
+    # controller and proxy) take CPU at normal priority, ahead of the measured cluster's Serve
+    # replicas, which Ray runs at nice 15. (The first run so: unbatched 0.89x FastAPI, batched
+    # 1.12x, against 0.84x and 1.04x with the reference cluster idling beside; the p99 swings
+    # stayed, see BENCHMARKS.md.)
     try:
         reference.start(aiaas_apps=False)
         found = _measure({"serve-default": _urls(ours, reference)["serve-default"]})

@@ -12,6 +12,7 @@ import pytest
 from aiaas import aliases, api_keys, errors, model_ref
 from aiaas.config import loader
 from aiaas.config.optimize import OptimizeConfig
+from aiaas.config.tune import TuneConfig
 from aiaas.storage import Storage
 
 
@@ -196,7 +197,7 @@ def test_tune_values_are_set_at_their_paths() -> None:
     assert base["optimizer"]["lr"] == 0.1  # the base is left alone
 
 
-def _drawn_trials(config: object) -> list[dict[str, object]]:
+def _drawn_trials(config: TuneConfig) -> list[dict[str, object]]:
     from ray import tune
 
     from jobs.tune import search_algorithm
@@ -213,8 +214,6 @@ def _drawn_trials(config: object) -> list[dict[str, object]]:
 
 
 def test_a_tune_seed_draws_the_same_trials_again() -> None:
-    from aiaas.config.tune import TuneConfig
-
     config = loader.load("configs/tune/tiny/digits_mlp.yaml", TuneConfig)
     assert config.seed is not None
     first = _drawn_trials(config)
