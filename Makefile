@@ -10,15 +10,17 @@ CLUSTER ?= configs/cluster/local.yaml
 # Debian packages (wrk for `make bench`) install as root, or through sudo otherwise.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# No internet here, and a stray address or auth setting must not leak into our processes.
+# No internet here, and a stray address or token must not leak into our processes. The aiaas
+# CLI sets RAY_AUTH_MODE and the token file from the cluster config; Ray's own CLIs get them from
+# `aiaas cluster env` (RAY_ENV below).
 export RAY_USAGE_STATS_ENABLED := 0
-export RAY_AUTH_MODE := disabled
-unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS
+unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS RAY_AUTH_TOKEN
 
 .PHONY: demo predict test lint bench down install clean prometheus
 
 DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
 EMBED_CURL := curl -s -X POST http://127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat.", "Ray Serve scales replicas."]}'
+RAY_ENV = eval "$$($(AIAAS) cluster env $(CLUSTER))"
 DEMO_CURL := curl -s -X POST http://127.0.0.1:8000/v1/models/digits:predict -H 'content-type: application/json' -d '{"instances": [$(DEMO_ROW)]}'
 
 $(STAMP): pyproject.toml
@@ -38,7 +40,7 @@ demo: $(STAMP) prometheus
 	$(AIAAS) cluster up $(CLUSTER)
 	$(AIAAS) cluster status $(CLUSTER)
 	$(AIAAS) monitor up --cluster $(CLUSTER)
-	$(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.node_report
+	$(RAY_ENV) && $(BIN)/ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.node_report
 	$(AIAAS) data prepare configs/data/digits.yaml --cluster $(CLUSTER)
 	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
 	$(AIAAS) models promote digits-mlp latest --cluster $(CLUSTER)
@@ -63,6 +65,8 @@ demo: $(STAMP) prometheus
 	@echo "Metrics:         http://127.0.0.1:8090/metrics (head node; aiaas_serve_*, ray_*)"
 	@echo "Prometheus:      http://127.0.0.1:9090 (alerts: /alerts; live summary: aiaas monitor status)"
 	@echo "Grafana files:   $(HOME)/.aiaas/grafana/provisioning (or: aiaas monitor dashboards --grafana-url URL)"
+	@echo "Ray's own CLIs:  $$($(AIAAS) cluster env $(CLUSTER))"
+	@echo "                 (token auth is on: run that line, or eval \"\$$(aiaas cluster env)\", before ray job submit / serve deploy / ray status)"
 	@echo "Try it again:    make predict   (the curl line above)"
 	@echo "Stop everything: make down"
 

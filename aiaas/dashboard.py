@@ -6,22 +6,18 @@ answer quickly even when the cluster is half up.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import httpx
 
-from aiaas import errors
+from aiaas import errors, ray_auth
 
 
 def _headers(auth_mode: str) -> dict[str, str]:
     if auth_mode != "token":
         return {}
-    token = os.environ.get("RAY_AUTH_TOKEN")
-    if not token:
-        token_path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
-        token = token_path.read_text().strip() if token_path.exists() else ""
+    # The CLI names the cluster's token file (ray_auth.use); processes on the cluster inherit it.
+    token = ray_auth.token_from_env()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
@@ -85,6 +81,7 @@ class Dashboard:
                 f"the Ray dashboard at {self.url} did not take the Serve config: {exc}",
                 "Is the cluster up? Run 'aiaas cluster status'.",
             ) from None
+        _refused(response, self.url)
         if response.status_code != 200:
             why = errors.without_traceback(response.text)[-1500:]
             raise errors.ClusterError(
@@ -99,9 +96,21 @@ class Dashboard:
                 f"the Ray dashboard at {self.url} did not answer {path}: {exc}",
                 "Is the cluster up? Run 'aiaas cluster status'.",
             ) from None
+        _refused(response, self.url)
         if response.status_code != 200:
             raise errors.ClusterError(
                 f"the Ray dashboard at {self.url} answered {path} with HTTP "
                 f"{response.status_code}: {response.text[:300]}"
             )
         return response.json()
+
+
+def _refused(response: httpx.Response, url: str) -> None:
+    if response.status_code in (401, 403):
+        raise errors.ClusterError(
+            f"the Ray dashboard at {url} refused the request (HTTP {response.status_code}: "
+            f"{response.text[:120]}): the cluster uses token auth and this process has no valid "
+            "token for it",
+            "Pass the cluster's config with --cluster (aiaas reads its token from the storage "
+            "root), or check auth_mode in that config.",
+        )

@@ -45,7 +45,14 @@ class Storage:
         return isinstance(self._fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
-        """The full path of a file under the root, as the filesystem names it."""
+        """The full path of a file under the root, as the filesystem names it.
+
+        Raises:
+            StorageError: A part would leave the root (``..``, an absolute path, a NUL): parts
+                are built from names and ids that users type.
+        """
+        for part in parts:
+            _check_inside(part)
         return "/".join([self._base.rstrip("/"), *parts])
 
     def read_text(self, relative: str) -> str | None:
@@ -97,3 +104,14 @@ class Storage:
         full = self.path(relative)
         if self._fs.get_file_info(full).type != pafs.FileType.NotFound:
             self._fs.delete_file(full)
+
+
+def _check_inside(part: str) -> None:
+    segments = part.replace("\\", "/").split("/")
+    if part.startswith(("/", "~")) or "\0" in part or ".." in segments:
+        raise errors.StorageError(
+            f"'{part}' is not a path under the storage root: names, ids and key files must not "
+            "contain '..', start with '/' or '~', or hold a NUL character",
+            "Use a plain name (e.g. 'digits') or the id 'aiaas jobs list' shows; key files are "
+            "relative to the storage root (e.g. serve/keys.json).",
+        )

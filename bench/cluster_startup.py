@@ -4,6 +4,7 @@ alternating runs."""
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import subprocess
 import sys
@@ -23,10 +24,12 @@ BIN = Path(sys.executable).parent
 REPEATS = 3
 
 
-def _wait_alive(url: str, count: int) -> None:
+def _wait_alive(url: str, count: int, headers: dict[str, str]) -> None:
     while True:
         try:
-            body = httpx.get(f"{url}/api/v0/nodes", params={"limit": 100}, timeout=5).json()
+            body = httpx.get(
+                f"{url}/api/v0/nodes", params={"limit": 100}, headers=headers, timeout=5
+            ).json()
             if sum(n["state"] == "ALIVE" for n in body["data"]["result"]["result"]) >= count:
                 return
         except (httpx.HTTPError, KeyError, ValueError):
@@ -65,20 +68,27 @@ def _by_hand(directory: Path) -> float:
     nodes = [[*head, f"--temp-dir={temp}/h"]] + [
         [f"--address=127.0.0.1:{gcs}", f"--temp-dir={temp}/w{index}"] for index in range(2)
     ]
+    # With token auth, as aiaas starts clusters: the same work on both sides.
+    token = Path(temp) / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    token.chmod(0o600)
+    env = support.env({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)})
     leaders = []
     started = time.perf_counter()
     for arguments in nodes:
         # Without --block, `ray start` returns once its node is up: one node after the other.
         leader = subprocess.Popen(
             [str(BIN / "ray"), "start", *arguments, *common],
-            env=support.env(),
+            env=env,
             start_new_session=True,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         leader.wait()
         leaders.append(leader)
-    _wait_alive(f"http://127.0.0.1:{dashboard}", 3)
+    _wait_alive(
+        f"http://127.0.0.1:{dashboard}", 3, {"Authorization": f"Bearer {token.read_text()}"}
+    )
     elapsed = time.perf_counter() - started
     _stop_sessions([leader.pid for leader in leaders])
     shutil.rmtree(temp, ignore_errors=True)

@@ -93,7 +93,7 @@ def run() -> list[dict[str, Any]]:
         support.run("aiaas", "cluster", "up", str(bench.config), timeout=600).check_returncode()
         from ray.job_submission import JobSubmissionClient
 
-        client = JobSubmissionClient(bench.dashboard)
+        client = JobSubmissionClient(bench.dashboard, headers=bench.headers())
         submitters = _submitters(bench.config)
         _to_running(client, submitters["ray"])  # the first upload of the package is cached
         for round_number in range(serving.ROUNDS):

@@ -154,7 +154,15 @@ class Bench:
         self.running = False
 
     def env(self) -> dict[str, str]:
-        return {**support.env(), "MLFLOW_TRACKING_URI": self.mlflow}
+        """Drivers of the bench cluster find its token as aiaas's own processes do."""
+        return {
+            **support.env(support.cluster_ray_env(self.config)),
+            "MLFLOW_TRACKING_URI": self.mlflow,
+        }
+
+    def headers(self) -> dict[str, str]:
+        """The dashboard REST API's Authorization header (token auth is on, as shipped)."""
+        return support.cluster_headers(self.config)
 
     def aiaas(self, *args: str) -> None:
         result = support.run("aiaas", *args, "--cluster", str(self.config), timeout=600)
@@ -296,7 +304,9 @@ def _autoscaling(bench: Bench, autoscaling: dict[str, Any], name: str, limit_s: 
     )
     started = time.monotonic()
     while time.monotonic() - started < limit_s:
-        apps = httpx.get(f"{bench.dashboard}/api/serve/applications/", timeout=10).json()
+        apps = httpx.get(
+            f"{bench.dashboard}/api/serve/applications/", headers=bench.headers(), timeout=10
+        ).json()
         deployment = apps["applications"][name]["deployments"]["ModelServer"]
         if sum(r["state"] == "RUNNING" for r in deployment["replicas"]) >= 2:
             elapsed = time.monotonic() - started

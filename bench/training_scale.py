@@ -133,10 +133,10 @@ def _train(config: Path, directory: Path, dataset: str, run: str) -> dict[str, A
     }
 
 
-def _fit_startup(gcs: str, storage: str) -> float:
+def _fit_startup(gcs: str, storage: str, config: Path) -> float:
     result = subprocess.run(
         [sys.executable, "-c", _FIT_STARTUP, gcs, storage],
-        env=support.env(),
+        env=support.env(support.cluster_ray_env(config)),
         capture_output=True,
         text=True,
         timeout=600,
@@ -164,7 +164,7 @@ def run() -> list[dict[str, Any]]:
             steps = ["aiaas", "fit"] if round_number % 2 == 0 else ["fit", "aiaas"]
             for step in steps:
                 if step == "fit":
-                    fits.append(_fit_startup(gcs, storage))
+                    fits.append(_fit_startup(gcs, storage, config))
                     print(f"  fit() start-up: {fits[-1]:.2f} s", flush=True)
                 else:
                     startup.append(_train(config, directory, "scale-10k", f"start-{round_number}"))

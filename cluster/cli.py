@@ -6,8 +6,8 @@ from pathlib import Path
 
 import click
 
+from aiaas import ray_auth
 from aiaas.cli import console, target
-from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 
 DEFAULT_CONFIG = target.DEFAULT_CLUSTER
@@ -19,7 +19,7 @@ _config_argument = click.argument(
 
 def _load(config_path: Path | None) -> tuple[ClusterConfig, Path]:
     path = config_path or DEFAULT_CONFIG
-    return loader.load(path, ClusterConfig), path
+    return target.load_cluster(path), path
 
 
 @click.group()
@@ -49,6 +49,13 @@ def up(config_path: Path | None, dry_run: bool) -> None:
                 f"object_store={spec.object_store_memory.human_readable()}"
             )
         return
+    if config.auth_mode == "disabled":
+        click.echo(
+            f"Warning: auth_mode: disabled in {path}: Ray's GCS, raylets, dashboard agents and "
+            "Ray Client listen on this machine's address and will run code for anyone who "
+            "reaches them. Set auth_mode: token unless this machine is isolated.",
+            err=True,
+        )
     result = launcher.up(config, path, echo=click.echo)
     current = result.state
     if result.already_running:
@@ -176,8 +183,7 @@ def render(config_path: Path | None, target: str, output: Path | None) -> None:
         return
     output.write_text(text)
     click.echo(f"Wrote {output}", err=True)
-    launch = f"ray up {output}" if target == "ray-up" else f"kubectl apply -f {output}"
-    console.next_steps([launch])
+    console.next_steps(renderer.next_steps(config, target, output))
 
 
 def _print_live_summary(config: ClusterConfig, path: Path) -> None:
@@ -203,3 +209,21 @@ def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str
     click.echo(f"  MLflow registry:      {config.mlflow_url() or '(disabled)'}")
     click.echo(f"  Prometheus:           {config.prometheus_url()} (aiaas monitor up)")
     click.echo(f"  Storage root:         {config.storage_root}")
+    if config.auth_mode == "token":
+        click.echo(f"  Ray token:            {ray_auth.token_path(config)} (mode 0600)")
+        click.echo("  For Ray's own CLIs (ray job submit, serve deploy, ray status), run:")
+        click.echo(f"    {ray_auth.export_line(config)}")
+    else:
+        click.echo("  Ray token auth:       disabled")
+
+
+@cluster.command()
+@_config_argument
+@console.user_errors
+def env(config_path: Path | None) -> None:
+    """Print the shell line that points Ray's own CLIs at this cluster's token.
+
+    Use it as: eval "$(aiaas cluster env)"
+    """
+    config, _ = _load(config_path)
+    click.echo(ray_auth.export_line(config))

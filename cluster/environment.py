@@ -5,24 +5,54 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
+from aiaas import ray_auth
 from aiaas.config.cluster import ClusterConfig
+
+#: What a node (and so every job, replica and actor it starts) takes from the operator's
+#: environment: what processes need to run, never the operator's other secrets. Anything else
+#: a cluster needs goes in the cluster config's ``env:``.
+_INHERITED = frozenset(
+    {
+        "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TERM",
+        # Older OpenBLAS builds compute wrong results on some processors without these.
+        "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+        "OMP_NUM_THREADS", "MKL_NUM_THREADS",
+        "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES", "CUDA_HOME",
+        "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE",
+    }
+)  # fmt: skip
+_INHERITED_PREFIXES = ("LC_", "AIAAS_", "NVIDIA_")
+#: Credentials an object-store storage root needs on every node (pyarrow's S3/GCS clients).
+_STORAGE_CREDENTIALS = {
+    "s3": ("AWS_",),
+    "gs": ("GOOGLE_", "GCLOUD_", "CLOUDSDK_"),
+}
+
+
+def inherited(config: ClusterConfig, environ: dict[str, str]) -> dict[str, str]:
+    """The part of ``environ`` a node of this cluster takes (an allow-list)."""
+    prefixes = _INHERITED_PREFIXES + _STORAGE_CREDENTIALS.get(
+        urlparse(config.storage_root).scheme, ()
+    )
+    return {
+        key: value
+        for key, value in environ.items()
+        if key in _INHERITED or key.startswith(prefixes)
+    }
 
 
 def node_env(config: ClusterConfig) -> dict[str, str]:
     """The environment of every Ray process of the cluster."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        # An inherited address would point Ray's own tools in the node at another cluster.
-        if key not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
-    }
+    env = inherited(config, dict(os.environ))
     env["PATH"] = f"{venv_bin()}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Ray code that finds "the" cluster by itself (the state API, e.g. Ray Train's placement
     # group cleaner) fails when several clusters run on one machine: name ours.
     env["RAY_ADDRESS"] = f"127.0.0.1:{config.ports.gcs}"
-    env["RAY_AUTH_MODE"] = config.auth_mode
+    # The same mode in every process, and the token by path: never in an environment.
+    env.update(ray_auth.process_env(config))
     env["AIAAS_STORAGE_ROOT"] = config.storage_root
     env["AIAAS_CLUSTER_NAME"] = config.name
     # Model artifacts downloaded by replicas and jobs: kept with the cluster's temp files.

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from aiaas import errors
+from aiaas import errors, ray_auth
 from aiaas.config.cluster import ClusterConfig, NodeSpec
 from aiaas.dashboard import Dashboard
 from cluster import environment, mlflow_service, ports, processes, state
@@ -239,6 +239,9 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
     started: list[state.NodeRecord] = []
     services: list[state.NodeRecord] = []
     deadline = _deadline(config)
+    if config.auth_mode == "token":
+        # Before any node: every process of the cluster reads the same file.
+        ray_auth.ensure_token(config)
     try:
         with Dashboard(config.dashboard_url(), config.auth_mode) as dashboard:
             head_plan, *worker_plans = plan(config)

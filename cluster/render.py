@@ -20,6 +20,10 @@ from cluster import environment
 RAY_VERSION = "2.60.0"
 # Where `ray up` and KubeRay put the project on every node.
 _REMOTE_PROJECT = "/home/ray/aiaas"
+#: Where `ray up` copies the token on every node. Its source is Ray's default token file, which
+#: Ray's docs have users make with `ray get-auth-token --generate` before launching a cluster.
+_RAY_UP_TOKEN = "/home/ray/.ray/auth_token"
+_LOCAL_TOKEN = "~/.ray/auth_token"
 
 
 def storage_root(config: ClusterConfig) -> str:
@@ -29,13 +33,49 @@ def storage_root(config: ClusterConfig) -> str:
 
 def warnings(config: ClusterConfig) -> list[str]:
     """What is likely wrong in a rendered cluster, said before the user launches it."""
+    found = []
     root = storage_root(config)
     if not root.startswith(("s3://", "gs://")):
-        return [
+        found.append(
             f"storage root '{root}' is local to each machine: checkpoints and the registry will "
             "not be shared; set deploy.storage_root to an s3:// or gs:// URI"
-        ]
-    return []
+        )
+    if config.auth_mode == "disabled":
+        found.append(
+            "auth_mode: disabled: the rendered cluster's GCS, raylets, dashboard agents and Ray "
+            "Client run code for anyone who reaches them; its dashboard binds 127.0.0.1 only. "
+            "Set auth_mode: token"
+        )
+    return found
+
+
+def token_secret(config: ClusterConfig) -> str:
+    """The Kubernetes Secret (key ``auth_token``) the KubeRay cluster takes its token from."""
+    return f"{config.name}-ray-auth"
+
+
+def next_steps(config: ClusterConfig, target: str, output: Path) -> list[str]:
+    """What to run to launch the rendered cluster, token first."""
+    if target == "ray-up":
+        steps = [f"ray up {output}"]
+        if config.auth_mode == "token":
+            steps.insert(0, f"ray get-auth-token --generate   # makes {_LOCAL_TOKEN}, synced")
+        return steps
+    steps = [f"kubectl apply -f {output}"]
+    if config.auth_mode == "token":
+        secret = token_secret(config)
+        namespace = config.deploy.kuberay.namespace
+        steps.insert(
+            0,
+            f"kubectl create secret generic {secret} -n {namespace} "
+            "--from-literal=auth_token=$(openssl rand -hex 32)",
+        )
+    return steps
+
+
+def _dashboard_host(config: ClusterConfig) -> str:
+    # Off this machine the dashboard must be reachable, but only behind the token.
+    return "0.0.0.0" if config.auth_mode == "token" else "127.0.0.1"
 
 
 def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
@@ -57,7 +97,7 @@ def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
             f"{', '.join(unknown)}",
             "Use the 'name' of a group under 'worker_groups'.",
         )
-    env = _exports(config)
+    env = _exports({**_env(config), **_ray_up_auth(config)})
     node_types: dict[str, Any] = {
         "head": {
             "resources": _ray_up_resources(config.head),
@@ -88,13 +128,21 @@ def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
         "auth": {"ssh_user": spec.ssh_user},
         "available_node_types": node_types,
         "head_node_type": "head",
-        "file_mounts": {_REMOTE_PROJECT: "."},
+        "file_mounts": {
+            _REMOTE_PROJECT: ".",
+            **({_RAY_UP_TOKEN: _LOCAL_TOKEN} if config.auth_mode == "token" else {}),
+        },
         "rsync_exclude": [".venv", "**/__pycache__", "data", ".aiaas"],
-        "setup_commands": [f"pip install -e {_REMOTE_PROJECT}"],
+        "setup_commands": [
+            f"pip install -e {_REMOTE_PROJECT}",
+            # Shells on the nodes (ray exec, ray attach) then run Ray's CLIs with the token too.
+            f"echo {shlex.quote('export ' + _exports(_ray_up_auth(config)))} >> ~/.bashrc",
+        ],
         "head_start_ray_commands": [
             "ray stop",
             f"{env} ray start --head --port={config.ports.gcs} "
-            f"--dashboard-host=0.0.0.0 --dashboard-port={config.ports.dashboard} "
+            f"--dashboard-host={_dashboard_host(config)} "
+            f"--dashboard-port={config.ports.dashboard} "
             f"--metrics-export-port={config.ports.metrics_export} "
             "--autoscaling-config=~/ray_bootstrap_config.yaml --disable-usage-stats",
         ],
@@ -113,7 +161,7 @@ def kuberay(config: ClusterConfig) -> dict[str, Any]:
     env = [{"name": key, "value": value} for key, value in sorted(_env(config).items())]
     head_params = {
         **_ray_start_params(config.head),
-        "dashboard-host": "0.0.0.0",
+        "dashboard-host": _dashboard_host(config),
         "metrics-export-port": str(config.ports.metrics_export),
     }
     head_ports = [
@@ -126,6 +174,13 @@ def kuberay(config: ClusterConfig) -> dict[str, Any]:
     autoscale = any(group.autoscale_max > group.replicas for group in config.worker_groups)
     spec: dict[str, Any] = {
         "rayVersion": RAY_VERSION,
+        # KubeRay (>= 1.5.1) sets RAY_AUTH_MODE and RAY_AUTH_TOKEN on every Ray container from
+        # this Secret; the token never appears in the manifest.
+        "authOptions": (
+            {"mode": "token", "secretName": token_secret(config)}
+            if config.auth_mode == "token"
+            else {"mode": "disabled"}
+        ),
         "enableInTreeAutoscaling": autoscale,
         "headGroupSpec": {
             "rayStartParams": head_params,
@@ -185,8 +240,14 @@ def _env(config: ClusterConfig) -> dict[str, str]:
     }
 
 
-def _exports(config: ClusterConfig) -> str:
-    return " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(_env(config).items()))
+def _ray_up_auth(config: ClusterConfig) -> dict[str, str]:
+    if config.auth_mode != "token":
+        return {"RAY_AUTH_MODE": "disabled"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": _RAY_UP_TOKEN}
+
+
+def _exports(env: dict[str, str]) -> str:
+    return " ".join(f"{key}={shlex.quote(value)}" for key, value in sorted(env.items()))
 
 
 def _ray_up_resources(spec: NodeSpec) -> dict[str, float | int]:

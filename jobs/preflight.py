@@ -9,6 +9,7 @@ from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.config.train import TrainConfig
 from aiaas.config.tune import TuneConfig, apply
+from aiaas.dashboard import Dashboard
 from aiaas.storage import Storage
 
 
@@ -69,16 +70,12 @@ def check_tune(config: TuneConfig, config_path: Path, cluster: ClusterConfig) ->
 
 
 def _alive_node_resources(cluster: ClusterConfig) -> list[dict[str, float]] | None:
-    import httpx
-
     try:
-        response = httpx.get(
-            f"{cluster.dashboard_url()}/api/v0/nodes",
-            params={"limit": 10000, "detail": "true"},
-            timeout=10,
-            trust_env=False,
-        )
-        entries = response.json()["data"]["result"]["result"]
-    except (httpx.HTTPError, KeyError, ValueError):
+        with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+            if not dashboard.reachable():
+                return None
+            # A refused token is an error to show, not a check to skip: nodes() raises it.
+            entries = dashboard.nodes()
+    except (KeyError, ValueError):
         return None
     return [entry["resources_total"] for entry in entries if entry["state"] == "ALIVE"]

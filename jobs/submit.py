@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aiaas import errors
+from aiaas import errors, ray_auth
 from aiaas.config.cluster import ClusterConfig
 from aiaas.storage import Storage
 from jobs import records
@@ -50,7 +50,9 @@ def client(config: ClusterConfig) -> Any:
 
     address = address_in_use(config)
     try:
-        return JobSubmissionClient(address)
+        # The token explicitly, not only through Ray's env lookup: an inherited RAY_AUTH_TOKEN
+        # of another cluster must not be what this client sends.
+        return JobSubmissionClient(address, headers=ray_auth.headers(config))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise errors.ClusterError(
             f"cannot reach the Ray Jobs API at {address}: {exc}",

@@ -16,23 +16,55 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def env() -> dict[str, str]:
-    """The environment for CLI subprocesses: the virtualenv first, no inherited Ray address."""
+def env(ray_env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for CLI subprocesses: the virtualenv first, no inherited Ray address or
+    token; ``ray_env`` is a cluster's auth settings (:func:`cluster_ray_env`) for Ray's own CLIs
+    and drivers (the ``aiaas`` CLI finds them itself from ``--cluster``)."""
     result = {
-        k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")
     }
     result["PATH"] = f"{BIN}{os.pathsep}{result.get('PATH', '')}"
     result["RAY_AUTH_MODE"] = "disabled"
     result["RAY_USAGE_STATS_ENABLED"] = "0"
+    result.update(ray_env or {})
     return result
 
 
-def run(*args: str, timeout: float = 300, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, timeout: float = 300, cwd: Path = REPO, ray_env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command from the virtualenv's bin dir (e.g. ``aiaas``, ``ray``) and capture its output."""
     command = [str(BIN / args[0]), *args[1:]]
     return subprocess.run(
-        command, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout, check=False
+        command,
+        cwd=cwd,
+        env=env(ray_env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
     )
+
+
+def cluster_ray_env(config_path: Path) -> dict[str, str]:
+    """What Ray's own CLIs and drivers need to authenticate to the cluster of ``config_path``:
+    the same settings ``aiaas cluster env`` prints."""
+    from aiaas import ray_auth
+    from aiaas.config import loader
+    from aiaas.config.cluster import ClusterConfig
+
+    return ray_auth.process_env(loader.load(config_path, ClusterConfig))
+
+
+def cluster_headers(config_path: Path) -> dict[str, str]:
+    """The dashboard REST API's ``Authorization`` header for that cluster."""
+    from aiaas import ray_auth
+    from aiaas.config import loader
+    from aiaas.config.cluster import ClusterConfig
+
+    return ray_auth.headers(loader.load(config_path, ClusterConfig))
 
 
 def free_ports(count: int) -> list[int]:
@@ -116,7 +148,7 @@ def processes_under(temp_root: str) -> list[str]:
     return found
 
 
-def ray_nodes(gcs_address: str) -> list[dict[str, Any]]:
+def ray_nodes(gcs_address: str, ray_env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """``ray.nodes()`` as seen by a driver that joins the cluster (in its own process)."""
     import json
 
@@ -127,7 +159,7 @@ def ray_nodes(gcs_address: str) -> list[dict[str, Any]]:
     )
     result = subprocess.run(
         [sys.executable, "-c", probe],
-        env=env(),
+        env=env(ray_env),
         capture_output=True,
         text=True,
         timeout=120,
@@ -138,7 +170,7 @@ def ray_nodes(gcs_address: str) -> list[dict[str, Any]]:
 
 
 def ray_job_submit(
-    dashboard_url: str, *entrypoint: str, timeout: float = 600
+    dashboard_url: str, *entrypoint: str, ray_env: dict[str, str], timeout: float = 600
 ) -> subprocess.CompletedProcess[str]:
     """Ray's own ``ray job submit --working-dir .`` from the repository root, waiting for the end."""
     return run(
@@ -152,4 +184,5 @@ def ray_job_submit(
         "--",
         *entrypoint,
         timeout=timeout,
+        ray_env=ray_env,
     )

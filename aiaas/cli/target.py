@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from aiaas import ray_auth
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 
@@ -27,8 +28,11 @@ def cluster_option(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def load_cluster(path: Path) -> ClusterConfig:
-    """Load and validate the cluster config."""
-    return loader.load(path, ClusterConfig)
+    """Load and validate the cluster config, and make this process use the cluster's Ray auth
+    (mode and token file) for every Ray client it creates from here on."""
+    config = loader.load(path, ClusterConfig)
+    ray_auth.use(config)
+    return config
 
 
 def registry_uri(cluster: ClusterConfig) -> str:

@@ -291,9 +291,11 @@ class ClusterConfig(ConfigModel):
         "127.0.0.1", description="address the dashboard and Jobs API bind; keep loopback locally"
     )
     auth_mode: Literal["disabled", "token"] = Field(
-        "disabled",
-        description="Ray's RAY_AUTH_MODE, set the same in every node so a stray ~/.ray/auth_token "
-        "cannot turn auth on for some processes only",
+        "token",
+        description="Ray's RAY_AUTH_MODE, the same in every process of the cluster. 'token' "
+        "(the default): 'cluster up' makes a random token (a 0600 file under the storage root) "
+        "and nothing that runs code answers without it; 'disabled' leaves the GCS, raylets, "
+        "dashboard agents and Ray Client open to anyone who reaches this machine's address",
     )
     head: HeadSpec = Field(description="the head node")
     worker_groups: list[WorkerGroup] = Field(
@@ -341,6 +343,17 @@ class ClusterConfig(ConfigModel):
     deploy: DeploySpec = Field(
         default_factory=DeploySpec, description="how 'cluster render' targets ray up / KubeRay"
     )
+
+    @field_validator("env")
+    @classmethod
+    def _no_auth_settings(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if key.startswith("RAY_AUTH_"):
+                raise ValueError(
+                    f"'{key}' is set by aiaas from 'auth_mode' (the same in every process, the "
+                    "token by file); remove it from 'env' and set 'auth_mode' instead"
+                )
+        return value
 
     @field_validator("haproxy_retry_on")
     @classmethod

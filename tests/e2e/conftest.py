@@ -33,6 +33,16 @@ class RunningCluster:
     def gcs_address(self) -> str:
         return str(self.state()["gcs_address"])
 
+    @property
+    def ray_env(self) -> dict[str, str]:
+        """Auth settings for Ray's own CLIs and drivers (what `aiaas cluster env` prints)."""
+        return support.cluster_ray_env(self.config_path)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The dashboard REST API's Authorization header."""
+        return support.cluster_headers(self.config_path)
+
 
 def start(directory: Path, name: str, workers: int, **overrides: object) -> RunningCluster:
     """Start a cluster through the CLI and check it reported success."""

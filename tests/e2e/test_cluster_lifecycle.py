@@ -15,7 +15,9 @@ from tests.e2e.conftest import RunningCluster, start, stop
 
 
 def test_up_gives_three_alive_nodes_with_configured_resources(cluster: RunningCluster) -> None:
-    alive = [node for node in support.ray_nodes(cluster.gcs_address) if node["Alive"]]
+    alive = [
+        node for node in support.ray_nodes(cluster.gcs_address, cluster.ray_env) if node["Alive"]
+    ]
     by_name = {node["NodeName"]: node for node in alive}
     assert sorted(by_name) == ["cpu-1", "cpu-2", "head"]
     assert by_name["head"]["Resources"]["CPU"] == 1
@@ -60,7 +62,9 @@ def test_ray_job_submit_uses_the_project_environment_and_a_small_upload(
         "size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk('.') for f in fs); "
         "print('UPLOAD', size, sorted(os.listdir('.'))); print('PYTHON', sys.executable)"
     )
-    result = support.ray_job_submit(cluster.dashboard_url, "python", "-c", probe)
+    result = support.ray_job_submit(
+        cluster.dashboard_url, "python", "-c", probe, ray_env=cluster.ray_env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     upload = next(line for line in result.stdout.splitlines() if line.startswith("UPLOAD"))
     size = int(upload.split()[1])
@@ -74,7 +78,9 @@ def test_ray_job_submit_uses_the_project_environment_and_a_small_upload(
 
 
 def test_demo_job_runs_a_task_on_every_node(cluster: RunningCluster) -> None:
-    result = support.ray_job_submit(cluster.dashboard_url, "python", "-m", "jobs.node_report")
+    result = support.ray_job_submit(
+        cluster.dashboard_url, "python", "-m", "jobs.node_report", ray_env=cluster.ray_env
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Ran 3 tasks on 3 nodes" in result.stdout
     for name in ("head", "cpu-1", "cpu-2"):
@@ -90,7 +96,11 @@ def test_up_restarts_a_lost_worker(cluster: RunningCluster) -> None:
     result = support.run("aiaas", "cluster", "up", str(cluster.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "restarted cpu-2" in result.stdout
-    alive = {node["NodeName"] for node in support.ray_nodes(cluster.gcs_address) if node["Alive"]}
+    alive = {
+        node["NodeName"]
+        for node in support.ray_nodes(cluster.gcs_address, cluster.ray_env)
+        if node["Alive"]
+    }
     assert alive == {"head", "cpu-1", "cpu-2"}
     assert cluster.state()["nodes"][2]["pid"] != lost["pid"]
 
@@ -100,7 +110,9 @@ def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     small = start(tmp_path, "solo", workers=1)
     assert support.processes_under(small.temp_root), "the cluster should be running"
     # A second cluster beside the session's one takes jobs too (no shared agent port).
-    second = support.ray_job_submit(small.dashboard_url, "python", "-c", "print('second ok')")
+    second = support.ray_job_submit(
+        small.dashboard_url, "python", "-c", "print('second ok')", ray_env=small.ray_env
+    )
     assert second.returncode == 0 and "second ok" in second.stdout, second.stdout + second.stderr
     # Prometheus from `monitor up` is stopped by `cluster down` too (its port is checked below).
     monitored = support.run("aiaas", "monitor", "up", "--cluster", str(small.config_path))

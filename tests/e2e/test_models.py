@@ -306,7 +306,12 @@ def test_ray_job_submit_runs_the_optimize_entrypoint(trained: TrainedModel, tmp_
     path.write_text(yaml.safe_dump(config))
     before = _versions(trained)
     result = support.ray_job_submit(
-        trained.cluster.dashboard_url, "python", "-m", "jobs.optimize", str(path)
+        trained.cluster.dashboard_url,
+        "python",
+        "-m",
+        "jobs.optimize",
+        str(path),
+        ray_env=trained.cluster.ray_env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert f"Registered {trained.name} version" in result.stdout

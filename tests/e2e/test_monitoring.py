@@ -88,7 +88,11 @@ def test_prometheus_scrapes_every_node(watched: Watched) -> None:
     ports = {str(node["metrics_export_port"]) for node in watched.trained.cluster.state()["nodes"]}
     assert ports <= {t["labels"]["instance"].rsplit(":", 1)[1] for t in ray_targets}  # type: ignore[union-attr]
     # The Ray dashboard finds this Prometheus (cluster up set RAY_PROMETHEUS_HOST on the head).
-    health = httpx.get(f"{watched.trained.cluster.dashboard_url}/api/prometheus_health", timeout=30)
+    health = httpx.get(
+        f"{watched.trained.cluster.dashboard_url}/api/prometheus_health",
+        headers=watched.trained.cluster.headers,
+        timeout=30,
+    )
     assert health.status_code == 200 and health.json()["result"] is True, health.text
     rules = httpx.get(f"{watched.prometheus.url}/api/v1/rules", timeout=10).json()
     names = {rule["name"] for group in rules["data"]["groups"] for rule in group["rules"]}
@@ -121,7 +125,12 @@ def test_training_traffic_and_alerts_fill_every_dashboard_panel(
     assert result.returncode == 0, result.stdout + result.stderr
     # A train job that fails, submitted with Ray's own CLI.
     support.ray_job_submit(
-        trained.cluster.dashboard_url, "python", "-m", "jobs.train", "configs/train/missing.yaml"
+        trained.cluster.dashboard_url,
+        "python",
+        "-m",
+        "jobs.train",
+        "configs/train/missing.yaml",
+        ray_env=trained.cluster.ray_env,
     )
     promoted = watched.cli("models", "promote", trained.name, trained.version)
     assert promoted.returncode == 0, promoted.stderr

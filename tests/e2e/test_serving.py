@@ -77,7 +77,9 @@ def served(trained: TrainedModel, tmp_path_factory: pytest.TempPathFactory) -> I
 
 def _details(served: Served) -> dict:
     answer = httpx.get(
-        f"{served.trained.cluster.dashboard_url}/api/serve/applications/", timeout=30
+        f"{served.trained.cluster.dashboard_url}/api/serve/applications/",
+        headers=served.trained.cluster.headers,
+        timeout=30,
     )
     return dict(answer.json())
 

@@ -91,7 +91,12 @@ def test_failed_gate_registers_nothing_and_says_why(digits: RunningCluster, tmp_
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_same_entrypoint(digits: RunningCluster) -> None:
     result = support.ray_job_submit(
-        digits.dashboard_url, "python", "-m", "jobs.train", "configs/train/tiny/digits_mlp.yaml"
+        digits.dashboard_url,
+        "python",
+        "-m",
+        "jobs.train",
+        "configs/train/tiny/digits_mlp.yaml",
+        ray_env=digits.ray_env,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "tiny-digits-mlp version" in result.stdout
@@ -117,7 +122,13 @@ def test_stopped_job_is_stopped_and_registers_nothing(
     while (
         '"epoch": 1,'
         not in support.run(
-            "ray", "job", "logs", "--address", digits.dashboard_url, submission_id
+            "ray",
+            "job",
+            "logs",
+            "--address",
+            digits.dashboard_url,
+            submission_id,
+            ray_env=digits.ray_env,
         ).stdout
     ):
         assert time.monotonic() < deadline, "the job never reached its second epoch"
@@ -165,10 +176,14 @@ def test_job_records_outlive_the_cluster(digits: RunningCluster, tmp_path: Path)
 def _train_worker_nodes(cluster: RunningCluster) -> set[str]:
     """Names of the nodes where Ray Train workers of a running job live."""
     url = cluster.dashboard_url
+    headers = cluster.headers
     actors = httpx.get(
-        f"{url}/api/v0/actors", params={"limit": 10000, "detail": "true"}, timeout=30
+        f"{url}/api/v0/actors",
+        params={"limit": 10000, "detail": "true"},
+        headers=headers,
+        timeout=30,
     )
-    nodes = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1000}, timeout=30)
+    nodes = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1000}, headers=headers, timeout=30)
     names = {n["node_id"]: n["node_name"] for n in nodes.json()["data"]["result"]["result"]}
     return {
         names.get(actor["node_id"], "?")
@@ -193,7 +208,13 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
 
     def log() -> str:
         return support.run(
-            "ray", "job", "logs", "--address", digits.dashboard_url, submission_id
+            "ray",
+            "job",
+            "logs",
+            "--address",
+            digits.dashboard_url,
+            submission_id,
+            ray_env=digits.ray_env,
         ).stdout
 
     deadline = time.monotonic() + 300

@@ -15,3 +15,14 @@ def _disallow_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("unit tests must not start Ray; move this test to tests/integration")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ() -> Any:
+    """Commands under test point the process at a cluster's Ray auth (ray_auth.use): undo it."""
+    import os
+
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

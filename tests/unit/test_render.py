@@ -128,3 +128,38 @@ def test_render_cli_writes_yaml_and_warns_on_local_storage(tmp_path: Path) -> No
     assert "Warning: storage root '~/.aiaas' is local to each machine" in result.output
     assert yaml.safe_load(output.read_text())["head_node_type"] == "head"
     assert f"ray up {output}" in result.output
+
+
+def test_ray_up_turns_token_auth_on_with_rays_token_file_never_inline() -> None:
+    rendered = render.ray_up(_config(), LOCAL)
+    for command in (
+        rendered["head_start_ray_commands"][1],
+        rendered["worker_start_ray_commands"][1],
+    ):
+        assert "RAY_AUTH_MODE=token" in command
+        assert "RAY_AUTH_TOKEN_PATH=/home/ray/.ray/auth_token" in command
+        assert "RAY_AUTH_TOKEN=" not in command
+    # ray up copies Ray's default token file (ray get-auth-token --generate) to every node.
+    assert rendered["file_mounts"]["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "--dashboard-host=0.0.0.0" in rendered["head_start_ray_commands"][1]
+
+
+def test_kuberay_takes_the_token_from_a_secret_and_never_inline() -> None:
+    manifest = render.kuberay(_config())
+    assert manifest["spec"]["authOptions"] == {"mode": "token", "secretName": "local-ray-auth"}
+    text = yaml.safe_dump(manifest)
+    assert "RAY_AUTH_TOKEN" not in text
+    steps = render.next_steps(_config(), "kuberay", Path("c.yaml"))
+    assert steps[0].startswith("kubectl create secret generic local-ray-auth -n default")
+
+
+def test_a_cluster_without_auth_binds_no_dashboard_to_every_interface() -> None:
+    config = _config(auth_mode="disabled")
+    ray_up = render.ray_up(config, LOCAL)
+    assert "--dashboard-host=127.0.0.1" in ray_up["head_start_ray_commands"][1]
+    assert "RAY_AUTH_MODE=disabled" in ray_up["head_start_ray_commands"][1]
+    assert "/home/ray/.ray/auth_token" not in ray_up["file_mounts"]
+    kuberay = render.kuberay(config)
+    assert kuberay["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    assert kuberay["spec"]["authOptions"] == {"mode": "disabled"}
+    assert any("auth_mode: disabled" in warning for warning in render.warnings(config))

@@ -39,3 +39,15 @@ def test_unwritable_root_is_a_storage_error(tmp_path: Path) -> None:
     with pytest.raises(errors.StorageError) as caught:
         Storage(str(blocker)).write_text("clusters/x/state.json", "{}")
     assert str(caught.value).startswith(f"cannot write {blocker}/clusters/x/state.json:")
+
+
+@pytest.mark.parametrize(
+    "relative",
+    ["../escape.json", "jobs/../../etc/passwd", "/etc/passwd", "~/x", "a\\..\\b", "a\0b"],
+)
+def test_paths_that_leave_the_storage_root_are_refused(tmp_path: Path, relative: str) -> None:
+    from aiaas.storage import Storage
+
+    with pytest.raises(errors.StorageError) as caught:
+        Storage(str(tmp_path)).read_text(relative)
+    assert str(caught.value).startswith(f"'{relative}' is not a path under the storage root")
