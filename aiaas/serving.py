@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from aiaas import aliases, errors, registry
+from aiaas import aliases, errors, ray_auth, registry
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.dashboard import Dashboard
@@ -254,14 +254,22 @@ def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:
         )
         config = app.get("deployed_app_config") or {}
         if config.get("import_path") in MODEL_APPS:
-            row.models = _model_states(url, row.route_prefix, config)
+            row.models = _model_states(url, row.route_prefix, config, _control_headers(cluster))
         failure = Storage(cluster.storage_root).read_text(_failure_path(name))
         row.last_failure = json.loads(failure) if failure else None
         result.append(row)
     return url, result
 
 
-def _model_states(url: str, prefix: str, config: dict[str, Any]) -> list[dict[str, Any]]:
+def _control_headers(cluster: ClusterConfig) -> dict[str, str]:
+    """What the control plane shows an app's status routes, which obey API keys: the cluster's
+    own Ray token, which replicas accept there (never on predict)."""
+    return ray_auth.headers(cluster)
+
+
+def _model_states(
+    url: str, prefix: str, config: dict[str, Any], headers: dict[str, str]
+) -> list[dict[str, Any]]:
     pins = _pins(config)
     kind = MODEL_APPS[str(config["import_path"])]
     states = []
@@ -274,7 +282,9 @@ def _model_states(url: str, prefix: str, config: dict[str, Any]) -> list[dict[st
             "url": f"{method} {url}{prefix.rstrip('/')}{path}",
         }
         try:
-            answer = httpx.get(kind.status_url(url, prefix, entry["name"]), timeout=5)
+            answer = httpx.get(
+                kind.status_url(url, prefix, entry["name"]), headers=headers, timeout=5
+            )
             state.update(answer.json())
         except (httpx.HTTPError, ValueError) as exc:
             state["error"] = f"not answering: {exc}"
@@ -360,7 +370,7 @@ def follow_alias(
                     f"version {version}: {exc.cause}",
                     exc.hint,
                 ) from None
-            _confirm(url, apps, changed, version)
+            _confirm(url, apps, changed, version, _control_headers(cluster))
         except errors.DeployError as exc:
             dashboard.put_serve({**base, "applications": list(previous.values())})
             for app_name in changed:
@@ -402,14 +412,22 @@ def _failure_path(app_name: str) -> str:
     return f"serve/apps/{app_name}/last_failed_switch.json"
 
 
-def _confirm(url: str, apps: dict[str, Any], changed: dict[str, list[str]], version: str) -> None:
+def _confirm(
+    url: str,
+    apps: dict[str, Any],
+    changed: dict[str, list[str]],
+    version: str,
+    headers: dict[str, str],
+) -> None:
     """Every replica reached must serve the version (reconfigure keeps the old on failure)."""
     for app_name, routes in changed.items():
         prefix = str(apps[app_name].get("route_prefix") or "/")
         kind = MODEL_APPS[str(apps[app_name]["import_path"])]
         for route in routes:
             for _ in range(8):  # several asks reach several replicas
-                answer = httpx.get(kind.status_url(url, prefix, route), timeout=10).json()
+                answer = httpx.get(
+                    kind.status_url(url, prefix, route), headers=headers, timeout=10
+                ).json()
                 failed = answer.get("failed_version")
                 if failed:
                     raise errors.DeployError(

@@ -236,6 +236,13 @@ def test_ray_status_needs_the_token_and_works_with_the_printed_line(
     status = support.run("ray", "status", "--address", address, timeout=120, ray_env=exported)
     assert status.returncode == 0, status.stdout + status.stderr
     assert "Active:" in status.stdout
+    # Serve's CLI talks to the dashboard's REST API: refused without the line, fine with it.
+    serve_refused = support.run("serve", "status", "-a", cluster.dashboard_url, timeout=120)
+    assert serve_refused.returncode != 0
+    served = support.run(
+        "serve", "status", "-a", cluster.dashboard_url, timeout=120, ray_env=exported
+    )
+    assert served.returncode == 0, served.stdout + served.stderr
 
 
 def test_the_token_file_is_private_and_never_in_a_nodes_environment(
