@@ -3,6 +3,9 @@
 One interface for all formats — ``Predictor.predict(features) -> logits`` on float32 numpy arrays —
 so the optimize stage measures parent and child alike and the model server loads whatever a
 version holds.
+
+Loading never unpickles Python objects, and opens nothing of a local copy before every file of it
+matches the manifest whose digest registration recorded (:mod:`aiaas.artifact_digests`).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from aiaas import errors, registry
+from aiaas import artifact_digests, errors, model_files, registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -74,31 +77,34 @@ class OnnxPredictor:
 
 
 def load(version: registry.Version, threads: int = 1) -> Predictor:
-    """Download a version's artifact and load it for inference on the CPU.
+    """Download a version's artifact, verify it, and load it for inference on the CPU.
 
     Raises:
-        StorageError: The artifact is missing or cannot be loaded (named with the version).
+        StorageError: The artifact is missing, differs from what was registered, or cannot be
+            loaded (named with the version).
     """
     if version.format == "sentence-transformers":
         raise errors.ConfigError(
             f"{version.name}:{version.version} is an embedding model, not a classifier",
             "Serve it with serve_apps.embeddings (configs/serve/embeddings.yaml).",
         )
+    local = verified_copy(version)
     try:
-        local = _local_copy(version)
         described = _described(local)
         predictor: Predictor
         if version.format == "onnx":
             # No torch here: importing it is a second of a new replica's start.
-            predictor = OnnxPredictor(str(Path(local) / "model.onnx"), threads)
+            predictor = OnnxPredictor(str(local / "model.onnx"), threads)
         else:
             import torch
 
             torch.set_num_threads(threads)
-            predictor = TorchPredictor(_torch_module(local, described), version.format)
+            predictor = TorchPredictor(_torch_module(version, local), version.format)
         predictor.input_shape = _input_shape(described)
         return predictor
-    except Exception as exc:  # MLflow, torch and onnxruntime each raise their own types
+    except errors.AiaasError:
+        raise
+    except Exception as exc:  # torch, safetensors and onnxruntime each raise their own types
         cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
         raise errors.StorageError(
             f"{version.name}:{version.version} ({version.format}) cannot be loaded: {cause}",
@@ -106,60 +112,90 @@ def load(version: registry.Version, threads: int = 1) -> Predictor:
         ) from exc
 
 
-def _local_copy(version: registry.Version) -> str:
-    """The version's artifact on local disk, downloaded once per machine and version."""
-    root = os.environ.get("AIAAS_MODEL_CACHE") or f"{tempfile.gettempdir()}/aiaas-models"
+def verified_copy(version: registry.Version) -> Path:
+    """The version's artifact on local disk, downloaded once per machine and version, and
+    checked file by file against the digest recorded at registration on every call.
+
+    Raises:
+        StorageError: The version has no recorded digest, the cache directory is not private,
+            the download fails, or the copy differs from what was registered.
+    """
+    label = f"{version.name}:{version.version}"
+    if not version.artifact_sha256:
+        raise errors.StorageError(
+            f"{label} was registered without an artifact digest ({registry.ARTIFACT_DIGEST_TAG}), "
+            "so its files cannot be checked and it is not loaded",
+            "Register it again with this aiaas (train, optimize or import again), then promote "
+            "the new version.",
+        )
+    root = artifact_digests.private_root(
+        Path(os.environ.get("AIAAS_MODEL_CACHE") or f"{tempfile.gettempdir()}/aiaas-models")
+    )
     # The run id makes the key unique across registries that reuse names and numbers.
     key = hashlib.sha256(f"{version.run_id}|{version.source}".encode()).hexdigest()[:12]
-    cache = Path(root) / f"{version.name}-{version.version}-{key}"
-    if (cache / "MLmodel").exists():
-        return str(cache)
+    cache = root / f"{version.name}-{version.version}-{key}"
+    if not cache.exists():
+        _download(version, cache)
+    artifact_digests.verify(cache, version.artifact_sha256, label)
+    return cache
+
+
+def _download(version: registry.Version, cache: Path) -> None:
     import mlflow
 
-    cache.parent.mkdir(parents=True, exist_ok=True)
+    # mkdtemp makes the staging directory 0700: nobody else sees a half-written copy.
     staging = tempfile.mkdtemp(prefix=".download-", dir=cache.parent)
-    mlflow.artifacts.download_artifacts(
-        artifact_uri=version.uri, tracking_uri=registry.tracking_uri(), dst_path=staging
-    )
+    try:
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=version.uri, tracking_uri=registry.tracking_uri(), dst_path=staging
+        )
+    except Exception as exc:  # MLflow raises its own types and the store's
+        shutil.rmtree(staging, ignore_errors=True)
+        cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
+        raise errors.StorageError(
+            f"{version.name}:{version.version} cannot be downloaded: {cause}",
+            "Check that the registry is reachable (aiaas cluster status), or roll back to a "
+            "version that loads.",
+        ) from exc
+    # MLflow's client writes this note (model name and version) into every copy it downloads
+    # from models:/; it was never registered, so it is not in the manifest.
+    (Path(staging) / "registered_model_meta").unlink(missing_ok=True)
     try:
         # Atomic: replicas loading the same version at once never read a half-written copy.
         os.rename(staging, cache)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)  # another replica got there first
-    return str(cache)
 
 
-def _described(local: str) -> dict[str, Any]:
+def _described(local: Path) -> dict[str, Any]:
     """The artifact's MLmodel file: its flavors and signature."""
     import yaml
 
-    found = yaml.safe_load((Path(local) / "MLmodel").read_text())
+    found = yaml.safe_load((local / "MLmodel").read_text())
     return found if isinstance(found, dict) else {}
 
 
-def _torch_module(local: str, described: dict[str, Any]) -> Any:
-    """The module MLflow's pytorch flavor saved.
+def _torch_module(version: registry.Version, local: Path) -> Any:
+    """The module of a torch-format artifact, rebuilt from its weights (see model_files).
 
-    The flavor's file (a pickled module, or a TorchScript archive that ``torch.load`` hands to
-    ``torch.jit.load``) is read as MLflow reads it, without importing MLflow: that import is
-    ~0.6 s of every new replica's start, ~1 s on a loaded machine. Anything else, or pickle
-    turned off by ``MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false``, goes through MLflow.
+    Raises:
+        StorageError: The artifact is not one aiaas wrote for this format.
     """
-    import torch
-
-    flavor = (described.get("flavors") or {}).get("pytorch") or {}
-    saved = Path(local) / str(flavor.get("model_data", "data")) / "model.pth"
-    pickle_allowed = os.environ.get("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "true").lower() in (
-        "true",
-        "1",
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch's notes on quantized storage and TorchScript
-        if saved.is_file() and not flavor.get("code") and pickle_allowed:
-            return torch.load(saved, map_location="cpu", weights_only=False)
-        import mlflow
-
-        return mlflow.pytorch.load_model(local, map_location="cpu")
+    record = local / model_files.RECORD
+    if not record.is_file():
+        raise errors.StorageError(
+            f"{version.name}:{version.version} ({version.format}) has no {model_files.RECORD}, "
+            "so there are no weights aiaas can load without unpickling",
+            "Register the model again with this aiaas, then promote the new version.",
+        )
+    found = model_files.Record.model_validate_json(record.read_text()).format
+    if found != version.format:
+        raise errors.StorageError(
+            f"{version.name}:{version.version} is registered as '{version.format}' but its "
+            f"artifact holds a '{found}' model",
+            "Register the model again, or roll back to a version that loads.",
+        )
+    return model_files.load(local)
 
 
 def _input_shape(described: dict[str, Any]) -> tuple[int, ...] | None:
@@ -192,11 +228,7 @@ def convert(module: nn.Module, method: str, example: np.ndarray) -> Any:
     module = module.eval()
     sample = torch.from_numpy(example)
     if method == "dynamic-int8":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return torch.ao.quantization.quantize_dynamic(
-                module, {torch.nn.Linear}, dtype=torch.qint8
-            )
+        return model_files.quantize_dynamic(module)
     if method == "torchscript":
         with torch.no_grad():
             return torch.jit.freeze(torch.jit.trace(module, sample))
@@ -243,8 +275,41 @@ class Embedder:
         )
 
 
+#: Where MLflow's sentence-transformers flavor keeps the model, relative to the artifact.
+EMBEDDER_DATA = "model.sentence_transformer"
+#: Files that torch or pickle would read as pickles; an embedding artifact holds none.
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib")
+
+
+def embedder_problem(directory: Path) -> str | None:
+    """Why a sentence-transformers directory is not pure data, or None when it is.
+
+    Its weights must be safetensors, and each module one of sentence-transformers' own (a
+    module's class is imported by the name modules.json gives).
+    """
+    pickled = sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.suffix.lower() in PICKLED_SUFFIXES
+    )
+    if pickled:
+        return f"the model holds pickled files ({', '.join(pickled[:3])})"
+    if not any(directory.rglob("*.safetensors")):
+        return "the model has no safetensors weights"
+    modules = directory / "modules.json"
+    listed = json.loads(modules.read_text()) if modules.is_file() else []
+    foreign = [
+        m.get("type", "")
+        for m in listed
+        if not str(m.get("type", "")).startswith("sentence_transformers.")
+    ]
+    if foreign:
+        return f"modules.json names modules from outside sentence-transformers ({foreign[0]})"
+    return None
+
+
 def load_embedder(version: registry.Version, threads: int = 1) -> Embedder:
-    """Download a sentence-transformers version and load it on the CPU.
+    """Download a sentence-transformers version, verify it, and load it on the CPU.
 
     Raises:
         ConfigError: The version is not an embedding model. StorageError: it cannot be loaded.
@@ -256,21 +321,35 @@ def load_embedder(version: registry.Version, threads: int = 1) -> Embedder:
             "Serve it with serve_apps.model_server, or import an embedding model with "
             "'aiaas models import'.",
         )
-    import mlflow
+    local = verified_copy(version)
+    label = f"{version.name}:{version.version} (sentence-transformers)"
+    problem = embedder_problem(local / EMBEDDER_DATA)
+    if problem:
+        raise errors.StorageError(
+            f"{label} cannot be loaded: {problem}",
+            "Import the model again with this aiaas, then promote the new version.",
+        )
     import torch
+    from sentence_transformers import SentenceTransformer
 
     # Everything a model needs is in its artifact: never ask the Hugging Face hub.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(threads)
     try:
-        local = _local_copy(version)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = mlflow.sentence_transformers.load_model(local)
-    except Exception as exc:  # MLflow, transformers and torch each raise their own types
+            # Not MLflow's loader: it turns trust_remote_code on, and may read pickled weights.
+            model = SentenceTransformer(
+                str(local / EMBEDDER_DATA),
+                device="cpu",
+                local_files_only=True,
+                trust_remote_code=False,
+                model_kwargs={"use_safetensors": True},
+            )
+    except Exception as exc:  # transformers and torch each raise their own types
         cause = str(exc).strip().splitlines()[-1][:300] if str(exc).strip() else repr(exc)
         raise errors.StorageError(
-            f"{version.name}:{version.version} (sentence-transformers) cannot be loaded: {cause}",
+            f"{label} cannot be loaded: {cause}",
             "Import the model again, or roll back to a version that loads.",
         ) from exc
     return Embedder(model)

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 LINEAGE_PREFIX = "aiaas."
 READY_TAG = f"{LINEAGE_PREFIX}ready"
 FORMAT_TAG = f"{LINEAGE_PREFIX}format"
+#: SHA-256 of the artifact's manifest (see :mod:`aiaas.artifact_digests`), checked before loading.
+ARTIFACT_DIGEST_TAG = f"{LINEAGE_PREFIX}artifact_sha256"
 #: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
 FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers")
 
@@ -55,6 +57,12 @@ class Version:
         return self.tags.get(FORMAT_TAG, "torch")
 
     @property
+    def artifact_sha256(self) -> str:
+        """The digest of the artifact's manifest, recorded at registration ("" before aiaas
+        recorded one)."""
+        return self.tags.get(ARTIFACT_DIGEST_TAG, "")
+
+    @property
     def lineage(self) -> dict[str, str]:
         """The ``aiaas.*`` tags without the prefix (job id, data set fingerprint, parent, ...)."""
         return {
@@ -79,6 +87,8 @@ class Version:
             "run_id": self.run_id,
             "source": self.source,
             "format": self.format,
+            # A replica checks its copy of the artifact against this, without the registry.
+            "artifact_sha256": self.artifact_sha256,
         }
 
     @classmethod
@@ -86,14 +96,19 @@ class Version:
         """The version a :meth:`pin` describes (registration finished: only those are pinned).
 
         Raises:
-            KeyError: The pin lacks a field.
+            KeyError: The pin lacks a field (one written before pins carried the artifact
+                digest, say), so the caller asks the registry instead.
         """
         return cls(
             name=str(pin["model"]),
             version=str(pin["version"]),
             run_id=str(pin["run_id"]),
             created=0.0,
-            tags={FORMAT_TAG: str(pin["format"]), READY_TAG: "true"},
+            tags={
+                FORMAT_TAG: str(pin["format"]),
+                READY_TAG: "true",
+                ARTIFACT_DIGEST_TAG: str(pin["artifact_sha256"]),
+            },
             source=str(pin["source"]),
         )
 

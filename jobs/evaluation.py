@@ -19,7 +19,7 @@ def load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: 
     from aiaas import models
 
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / "state.pt", weights_only=False, map_location="cpu")
+        state = torch.load(Path(directory) / "state.pt", weights_only=True, map_location="cpu")
     model = models.build(
         config.model, len(schema.features), schema.num_classes, schema.feature_shape
     )

@@ -65,7 +65,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            state = torch.load(Path(directory) / "state.pt", weights_only=False)
+            # Tensors, numbers and containers only: a checkpoint is data, never code.
+            state = torch.load(Path(directory) / "state.pt", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -474,7 +475,10 @@ def evaluate_and_register(
     already = [
         version
         for version in registry.versions(config.registration.model_name)
-        if version.ready and version.lineage.get("checkpoint") == best.path
+        # One registered before artifacts carried digests cannot be served: register anew.
+        if version.ready
+        and version.artifact_sha256
+        and version.lineage.get("checkpoint") == best.path
     ]
     if already:
         # A finished run started again resumes at its end: same weights, no second version.

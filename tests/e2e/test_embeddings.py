@@ -103,14 +103,16 @@ def test_the_openai_client_gets_the_models_embeddings(
 
 
 def test_concurrent_requests_are_batched(embeddings: Embeddings) -> None:
-    """Fewer batches ran than requests came: some batch held several.
+    """Some batch of this test's requests held several of them.
 
-    Read from the batch-size histogram as deltas over this test's own requests, once all of them
-    are exported (its sum counts requests): earlier tests' single-request batches are already in
-    it, and Ray exports metrics every few seconds, later on a loaded machine.
+    Read from the batch-size histogram of each replica as deltas over this test's requests
+    (its sum counts requests, its count batches): earlier tests' single-request batches are
+    already in it; Ray exports every few seconds, later on a loaded machine; and a replica that
+    autoscaling adds for the burst and removes again takes its series with it. A replica whose
+    exported requests grew more than its batches ran a batch of several.
     """
     requests = 48
-    before_batches, before_requests = _batch_histogram(embeddings)
+    before = _batch_histograms(embeddings)
     start = threading.Barrier(16)
 
     def call(index: int) -> int:
@@ -127,30 +129,37 @@ def test_concurrent_requests_are_batched(embeddings: Embeddings) -> None:
         assert set(pool.map(call, range(requests))) == {200}
     deadline = time.monotonic() + 120
     while True:
-        batches, batched = _batch_histogram(embeddings)
-        if batched - before_requests >= requests:
+        now = _batch_histograms(embeddings)
+        grown = {
+            series: (held - before.get(series, (0.0, 0.0))[0], ran - before.get(series, (0, 0))[1])
+            for series, (held, ran) in now.items()
+        }
+        seen = sum(held for held, _ in grown.values())
+        if any(held > ran for held, ran in grown.values()):
             break
-        assert time.monotonic() < deadline, (
-            f"only {batched - before_requests:g} of {requests} requests' batches were exported"
+        assert seen < requests and time.monotonic() < deadline, (
+            f"no batch held more than one request: {seen:g} of {requests} requests exported, "
+            f"per replica (requests, batches): {grown}"
         )
         time.sleep(2)
-    ran = batches - before_batches
-    print(f"embeddings: {requests} requests ran in {ran:g} batches")
-    assert ran < requests, "no batch held more than one request"
+    print(f"embeddings, per replica (requests, batches) of this test: {grown}")
 
 
-def _batch_histogram(embeddings: Embeddings) -> tuple[float, float]:
-    """Batches executed and requests they held (the histogram's count and sum), every node."""
+def _batch_histograms(embeddings: Embeddings) -> dict[str, tuple[float, float]]:
+    """Per exported series (a replica's): requests its batches held and batches it ran (the
+    batch-size histogram's sum and count), over every node."""
     ports = [node["metrics_export_port"] for node in embeddings.cluster.state()["nodes"]]
     text = "".join(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text for port in ports)
     name = "ray_aiaas_embeddings_batch_size"
-    count = total = 0.0
+    found: dict[str, tuple[float, float]] = {}
     for line in text.splitlines():
-        if line.startswith(f"{name}_count"):
-            count += float(line.rsplit(" ", 1)[1])
-        elif line.startswith(f"{name}_sum"):
-            total += float(line.rsplit(" ", 1)[1])
-    return count, total
+        for suffix, slot in (("_sum", 0), ("_count", 1)):
+            if line.startswith(f"{name}{suffix}{{"):
+                labels, value = line[len(name + suffix) :].rsplit(" ", 1)
+                pair = list(found.get(labels, (0.0, 0.0)))
+                pair[slot] = float(value)
+                found[labels] = (pair[0], pair[1])
+    return found
 
 
 def test_bad_inputs_get_documented_errors(embeddings: Embeddings) -> None:
