@@ -105,8 +105,8 @@ def register_torch_model(
         mlflow_model.save(str(path / "MLmodel"))
         (path / "requirements.txt").write_text(f"torch=={torch.__version__.split('+')[0]}\n")
 
-    version, digest = _log(run_id, model_name, _Sealed("aiaas", save))
-    return _finish(model_name, version, run_id, tags, model_format, digest)
+    version, digest = log_sealed(run_id, model_name, Sealed("aiaas", save))
+    return finish(model_name, version, run_id, tags, model_format, digest)
 
 
 def _check_round_trip(model: Any, path: Path, example: np.ndarray) -> None:
@@ -151,16 +151,16 @@ def register_onnx_model(
             save_as_external_data=False,
         )
 
-    version, digest = _log(run_id, model_name, _Sealed("mlflow.onnx", save))
-    return _finish(model_name, version, run_id, tags, "onnx", digest)
+    version, digest = log_sealed(run_id, model_name, Sealed("mlflow.onnx", save))
+    return finish(model_name, version, run_id, tags, "onnx", digest)
 
 
-class _Sealed:
+class Sealed:
     """An MLflow flavor for ``Model.log``: a save function, then the artifact's manifest.
 
     ``Model.log`` uploads the directory right after ``save_model`` returns, so the manifest
     covers every file uploaded. (Its serving-input check, which may add a file after the save,
-    is turned off in :func:`_log`.)
+    is turned off in :func:`log_sealed`.)
     """
 
     def __init__(self, name: str, save: Callable[[Path, Any], None]) -> None:
@@ -175,7 +175,7 @@ class _Sealed:
         self.digest = artifact_digests.write_manifest(Path(path))
 
 
-def _log(run_id: str, model_name: str, flavor: _Sealed) -> tuple[str, str]:
+def log_sealed(run_id: str, model_name: str, flavor: Sealed) -> tuple[str, str]:
     """Log and register a model in the run; returns its version and its manifest digest."""
     import mlflow
     from mlflow.models import Model
@@ -203,7 +203,7 @@ def _signature(example: np.ndarray, model: Any) -> Any:
     return infer_signature(example, output)
 
 
-def _finish(
+def finish(
     model_name: str,
     version: str,
     run_id: str,
@@ -305,8 +305,8 @@ def import_sentence_transformer(model_name: str, source: str) -> Registered:
     with mlflow.start_run(run_name=f"import-{model_name}") as run:
         mlflow.log_params(details)
         run_id = str(run.info.run_id)
-    number, digest = _log(run_id, model_name, _Sealed("mlflow.sentence_transformers", save))
-    return _finish(
+    number, digest = log_sealed(run_id, model_name, Sealed("mlflow.sentence_transformers", save))
+    return finish(
         model_name,
         number,
         run_id,

@@ -30,7 +30,7 @@ FORMAT_TAG = f"{LINEAGE_PREFIX}format"
 #: SHA-256 of the artifact's manifest (see :mod:`aiaas.artifact_digests`), checked before loading.
 ARTIFACT_DIGEST_TAG = f"{LINEAGE_PREFIX}artifact_sha256"
 #: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
-FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers")
+FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers", "hf-causal-lm")
 
 
 @dataclass

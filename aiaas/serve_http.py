@@ -20,6 +20,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from aiaas import api_keys, errors, registry
 
@@ -30,6 +32,7 @@ logger = logging.getLogger("ray.serve")
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    408: "invalid_request_error",
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
@@ -67,6 +70,15 @@ class ApiError(Exception):
         self.headers = headers
 
 
+def shown(value: object, limit: int = 100) -> str:
+    """A client-supplied value as an error message may quote it: cut to ``limit`` characters,
+    with lone surrogates replaced (they cannot be encoded, and would turn a 4xx into a 500)."""
+    text = str(value)
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    return text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_response(
     status: int,
     code: str,
@@ -77,7 +89,7 @@ def error_response(
     body = {
         "error": {
             "code": code,
-            "message": message,
+            "message": shown(message, 2000),
             "type": _TYPES.get(status, "server_error"),
             "param": param,
         }
@@ -88,13 +100,20 @@ def error_response(
 def error_for(exc: ApiError | api_keys.Denied) -> JSONResponse:
     """The JSON answer for one of our errors."""
     if isinstance(exc, api_keys.Denied):
-        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else {"Retry-After": "1"}
+        headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+        if exc.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return error_response(exc.status, exc.code, exc.message, headers=headers)
     return error_response(exc.status, exc.code, exc.message, exc.param, exc.headers)
 
 
+#: Our codes for the HTTP errors Starlette's router raises itself.
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
 def install_error_handlers(app: FastAPI) -> None:
-    """One place maps our errors (and FastAPI's validation errors) to JSON answers."""
+    """One place maps our errors, FastAPI's validation errors and Starlette's own 404/405 (and
+    any fault of ours, as a 500 without a traceback) to JSON answers in one shape."""
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
@@ -106,7 +125,27 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", str(exc.errors()[:3]))
+        problems = [
+            f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}"
+            for e in exc.errors()[:3]
+        ]
+        return error_response(422, "invalid_request", "; ".join(problems))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        if exc.status_code == 404:
+            message = f"no such route: {shown(request.url.path)}"
+        elif exc.status_code == 405:
+            message = f"{shown(request.url.path)} does not take {shown(request.method, 20)}"
+        else:
+            message = str(exc.detail)
+        return error_response(exc.status_code, code, message, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _fault(request: Request, exc: Exception) -> JSONResponse:
+        logger.error("request %s failed", shown(request.url.path), exc_info=exc)
+        return error_response(500, "internal_error", "the server failed")
 
 
 def route(request: Request, verbs: tuple[str, ...]) -> tuple[str | None, str]:
@@ -124,7 +163,7 @@ def route(request: Request, verbs: tuple[str, ...]) -> tuple[str | None, str]:
         return None, ""
     name, _, verb = path.partition(":")
     if "/" in name or (verb and verb not in verbs):
-        raise ApiError(404, "not_found", f"no such route: {request.url.path}")
+        raise ApiError(404, "not_found", f"no such route: {shown(request.url.path)}")
     return name, verb
 
 
@@ -134,27 +173,59 @@ def require_method(request: Request, method: str) -> None:
         raise ApiError(
             405,
             "method_not_allowed",
-            f"{request.url.path} takes {method}, not {request.method}",
+            f"{shown(request.url.path)} takes {method}, not {shown(request.method, 20)}",
             headers={"Allow": method},
         )
 
 
-async def json_body(request: Request, limit: int) -> Any:
-    """The request's JSON, refusing bodies over ``limit`` bytes (413) and non-JSON (400)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, refusing more than ``limit`` bytes (413) as they arrive: a chunked
+    body (no Content-Length) is counted while it is read, never read whole first."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(int(declared), limit)
-    body = await request.body()
-    if len(body) > limit:
-        raise too_large(len(body), limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(
+                    413,
+                    "payload_too_large",
+                    f"the body has more than {limit} bytes; the limit is {limit}",
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(
+            400, "incomplete_body", "the connection closed before the whole body arrived"
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_json(body: bytes) -> Any:
+    """``body`` as JSON; 400 for anything else (invalid UTF-8, nesting too deep for Python)."""
     try:
         return json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ApiError(400, "invalid_json", "the body is not JSON") from None
+
+
+async def json_body(request: Request, limit: int) -> Any:
+    """The request's JSON, refusing bodies over ``limit`` bytes (413) and non-JSON (400)."""
+    return parse_json(await read_body(request, limit))
 
 
 def too_large(size: int, limit: int) -> ApiError:
     return ApiError(413, "payload_too_large", f"the body has {size} bytes; the limit is {limit}")
+
+
+def body_timeout(seconds: float) -> ApiError:
+    return ApiError(408, "request_timeout", f"the body did not arrive within {seconds:g}s")
+
+
+def answer_timeout(seconds: float) -> ApiError:
+    return ApiError(504, "timeout", f"no answer within {seconds:g}s")
 
 
 def replica_user_config() -> dict[str, Any] | None:
@@ -216,7 +287,7 @@ class Slots(Generic[T]):
             raise ApiError(
                 404,
                 "model_not_found",
-                f"no model '{name}' here; served: {', '.join(self.entries)}",
+                f"no model '{shown(name)}' here; served: {', '.join(self.entries)}",
                 "model",
             )
         return found

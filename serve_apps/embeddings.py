@@ -50,6 +50,12 @@ class Args(BaseModel):
     )
     max_inputs: int = Field(256, ge=1, description="texts per request (more: 413)")
     max_payload_bytes: int = Field(2_097_152, ge=1024, description="request body limit (413)")
+    max_pending: int = Field(
+        256, ge=1, description="requests waiting in one replica before it answers 503"
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="per-request limit, body included (408 reading, 504 answering)"
+    )
     api_keys_file: str | None = Field(
         None, description="key file under the storage root; when set, calls need a Bearer key"
     )
@@ -81,10 +87,16 @@ class Embeddings:
         self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "embeddings-model")
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
-            api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
+            api_keys.KeyRing(
+                Storage(os.environ["AIAAS_STORAGE_ROOT"]),
+                args.api_keys_file,
+                shared=True,
+                control_token=api_keys.cluster_token(),
+            )
             if args.api_keys_file
             else None
         )
+        self.pending = 0
         batcher: Any = self.embed_batch  # type: ignore[misc]
         batcher.set_max_batch_size(args.max_batch_size)
         batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
@@ -101,8 +113,13 @@ class Embeddings:
         """Switch to pinned versions: load beside the old one, then swap (as the model server)."""
         await self.slots.apply(user_config)
 
+    async def _authorize(self, request: Request, status: bool = False) -> None:
+        if self.keys is not None:
+            await self.keys.admit(request.headers.get("authorization"), status)
+
     @app.get("/models")
-    async def list_models(self) -> dict[str, Any]:
+    async def list_models(self, request: Request) -> dict[str, Any]:
+        await self._authorize(request, status=True)
         return {
             "object": "list",
             "data": [
@@ -126,7 +143,8 @@ class Embeddings:
 
     # Not under /models: beside the model server (route /v1/models) that path would be its.
     @app.get("/embeddings/{name}")
-    async def model_status(self, name: str) -> dict[str, Any]:
+    async def model_status(self, name: str, request: Request) -> dict[str, Any]:
+        await self._authorize(request, status=True)
         loaded = self.slots.get(name)
         status = {
             "name": name,
@@ -141,63 +159,106 @@ class Embeddings:
 
     @app.post("/embeddings")
     async def embeddings(self, request: Request) -> dict[str, Any]:
+        # Metrics name a model only once it is one this app serves: a label per made-up
+        # name would grow without bound.
         code, name, version = "200", "?", "?"
+        reading = True
+        timeout = self.args.request_timeout_s
         try:
-            if self.keys is not None:
-                self.keys.check(request.headers.get("authorization"))
-            body = await serve_http.json_body(request, self.args.max_payload_bytes)
-            if not isinstance(body, dict):
-                raise serve_http.ApiError(400, "invalid_request", "the body must be a JSON object")
-            name = str(body.get("model") or "")
-            loaded = self.slots.get(name)
-            version = loaded.version
-            texts = self._texts(body.get("input"))
-            counts = await self._in_model_thread(loaded.embedder.token_counts, texts)
-            too_long = [i for i, n in enumerate(counts) if n > loaded.embedder.max_tokens]
-            if too_long and body.get("truncate") is not True:
-                raise serve_http.ApiError(
-                    400,
-                    "input_too_long",
-                    f"input {too_long[0]} has {counts[too_long[0]]} tokens; {name} takes at most "
-                    f'{loaded.embedder.max_tokens} (send "truncate": true to cut longer inputs)',
-                    "input",
-                )
-            dimensions = body.get("dimensions")
-            if dimensions is not None and dimensions != loaded.embedder.dimension:
-                raise serve_http.ApiError(
-                    400,
-                    "unsupported_dimensions",
-                    f"{name} makes {loaded.embedder.dimension}-dimensional embeddings and cannot "
-                    f"shorten them; omit 'dimensions' or send {loaded.embedder.dimension}",
-                    "dimensions",
-                )
-            encoding = body.get("encoding_format") or "float"
-            if encoding not in ("float", "base64"):
-                raise serve_http.ApiError(
-                    400,
-                    "invalid_encoding_format",
-                    "encoding_format must be 'float' or 'base64'",
-                    "encoding_format",
-                )
-            batcher: Any = self.embed_batch  # type: ignore[misc]
-            vectors, version = await batcher(name, texts)
-            tokens = sum(min(n, loaded.embedder.max_tokens) for n in counts)
-            self.tokens.inc(tokens, tags={"model": name})
-            return {
-                "object": "list",
-                "data": [
-                    {"object": "embedding", "index": i, "embedding": self._encode(vector, encoding)}
-                    for i, vector in enumerate(vectors)
-                ],
-                "model": name,
-                "version": version,
-                "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-            }
+            await self._authorize(request)
+            # One timeout covers reading the body and answering: a body that arrives slowly
+            # or never gets a 408 instead of holding the replica.
+            async with asyncio.timeout(timeout):
+                body = await serve_http.json_body(request, self.args.max_payload_bytes)
+                reading = False
+                loaded = self._model(body)
+                name, version = body["model"], loaded.version
+                if self.pending >= self.args.max_pending:
+                    raise serve_http.ApiError(
+                        503, "overloaded", "the model is overloaded; retry shortly"
+                    )
+                self.pending += 1
+                try:
+                    answer, version = await self._embed(body, name, loaded)
+                finally:
+                    self.pending -= 1
+            return answer
+        except TimeoutError:
+            code = "408" if reading else "504"
+            if reading:
+                raise serve_http.body_timeout(timeout) from None
+            raise serve_http.answer_timeout(timeout) from None
         except (serve_http.ApiError, api_keys.Denied) as exc:
             code = str(exc.status)
             raise
         finally:
             self.requests.inc(tags={"model": name, "version": version, "code": code})
+
+    def _model(self, body: Any) -> Loaded:
+        if not isinstance(body, dict):
+            raise serve_http.ApiError(400, "invalid_request", "the body must be a JSON object")
+        name = body.get("model")
+        if not isinstance(name, str):
+            raise serve_http.ApiError(400, "invalid_model", "'model' must be a string", "model")
+        return self.slots.get(name)
+
+    async def _embed(
+        self, body: dict[str, Any], name: str, loaded: Loaded
+    ) -> tuple[dict[str, Any], str]:
+        texts = self._texts(body.get("input"))
+        truncate = body.get("truncate", False)
+        if not isinstance(truncate, bool):
+            raise serve_http.ApiError(
+                400, "invalid_truncate", "'truncate' must be true or false", "truncate"
+            )
+        dimensions = body.get("dimensions")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int)
+        ):
+            raise serve_http.ApiError(
+                400, "invalid_dimensions", "'dimensions' must be an integer", "dimensions"
+            )
+        if dimensions is not None and dimensions != loaded.embedder.dimension:
+            raise serve_http.ApiError(
+                400,
+                "unsupported_dimensions",
+                f"{name} makes {loaded.embedder.dimension}-dimensional embeddings and cannot "
+                f"shorten them; omit 'dimensions' or send {loaded.embedder.dimension}",
+                "dimensions",
+            )
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise serve_http.ApiError(
+                400,
+                "invalid_encoding_format",
+                "encoding_format must be 'float' or 'base64'",
+                "encoding_format",
+            )
+        counts = await self._in_model_thread(loaded.embedder.token_counts, texts)
+        too_long = [i for i, n in enumerate(counts) if n > loaded.embedder.max_tokens]
+        if too_long and not truncate:
+            raise serve_http.ApiError(
+                400,
+                "input_too_long",
+                f"input {too_long[0]} has {counts[too_long[0]]} tokens; {name} takes at most "
+                f'{loaded.embedder.max_tokens} (send "truncate": true to cut longer inputs)',
+                "input",
+            )
+        batcher: Any = self.embed_batch  # type: ignore[misc]
+        vectors, version = await batcher(name, texts)
+        tokens = sum(min(n, loaded.embedder.max_tokens) for n in counts)
+        self.tokens.inc(tokens, tags={"model": name})
+        answer = {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": self._encode(vector, encoding)}
+                for i, vector in enumerate(vectors)
+            ],
+            "model": name,
+            "version": version,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+        return answer, version
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)  # type: ignore[arg-type]
     async def embed_batch(  # type: ignore[misc]
@@ -246,6 +307,14 @@ class Embeddings:
             )
         if any(not text for text in texts):
             raise serve_http.ApiError(400, "invalid_input", "inputs must not be empty", "input")
+        for i, text in enumerate(texts):
+            # A lone surrogate ("\\ud800" in JSON) is no text the tokenizer can take.
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise serve_http.ApiError(
+                    400, "invalid_input", f"input {i} is not valid Unicode text", "input"
+                ) from None
         if len(texts) > self.args.max_inputs:
             raise serve_http.ApiError(
                 413,

@@ -89,7 +89,12 @@ class ModelServer:
         self.pending = 0
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
-            api_keys.KeyRing(Storage(os.environ["AIAAS_STORAGE_ROOT"]), args.api_keys_file)
+            api_keys.KeyRing(
+                Storage(os.environ["AIAAS_STORAGE_ROOT"]),
+                args.api_keys_file,
+                shared=True,
+                control_token=api_keys.cluster_token(),
+            )
             if args.api_keys_file
             else None
         )
@@ -117,13 +122,14 @@ class ModelServer:
     async def __call__(self, request: Request) -> Response:
         try:
             name, verb = serve_http.route(request, ("predict",))
-            if name is None:
-                serve_http.require_method(request, "GET")
-                return JSONResponse({"models": [self._status(n) for n in self.slots.entries]})
-            if verb:
+            if name is not None and verb:
                 serve_http.require_method(request, "POST")
                 return JSONResponse(await self.predict(name, request))
             serve_http.require_method(request, "GET")
+            if self.keys is not None:  # status and list obey keys like predict
+                await self.keys.admit(request.headers.get("authorization"), status=True)
+            if name is None:
+                return JSONResponse({"models": [self._status(n) for n in self.slots.entries]})
             self.slots.get(name)
             return JSONResponse(self._status(name))
         except (serve_http.ApiError, api_keys.Denied) as exc:
@@ -134,20 +140,32 @@ class ModelServer:
 
     async def predict(self, name: str, request: Request) -> Any:
         started = time.perf_counter()
-        loaded = self.slots.get(name)
+        loaded = self.slots.loaded.get(name)
+        if loaded is None:
+            # Unknown keys learn nothing of which models exist; unknown names are counted in
+            # no metric (a label per made-up name would grow without bound).
+            if self.keys is not None:
+                await self.keys.admit(request.headers.get("authorization"))
+            self.slots.get(name)  # the 404
+        assert loaded is not None
         code = "200"
+        reading = True
+        timeout = self.args.request_timeout_s
         try:
             if self.keys is not None:
-                self.keys.check(request.headers.get("authorization"))
-            rows = await self._instances(request, loaded)
-            if self.pending >= self.args.max_pending:
-                raise serve_http.ApiError(
-                    503, "overloaded", "the model is overloaded; retry shortly"
-                )
-            self._count_pending(name, +1)
-            try:
-                # asyncio.timeout, not wait_for: no extra task per request.
-                async with asyncio.timeout(self.args.request_timeout_s):
+                await self.keys.admit(request.headers.get("authorization"))
+            # One timeout covers reading the body and answering (asyncio.timeout, not
+            # wait_for: no extra task per request): a body that arrives slowly or never
+            # gets a 408 instead of holding the replica.
+            async with asyncio.timeout(timeout):
+                rows = await self._instances(request, loaded)
+                reading = False
+                if self.pending >= self.args.max_pending:
+                    raise serve_http.ApiError(
+                        503, "overloaded", "the model is overloaded; retry shortly"
+                    )
+                self._count_pending(name, +1)
+                try:
                     if self.args.max_batch_size == 1:
                         # A batch of one gains nothing from @serve.batch's queue and task. But
                         # Serve's autoscaling samples ongoing requests between event-loop
@@ -160,13 +178,14 @@ class ModelServer:
                     else:
                         batcher: Any = self.predict_batch  # type: ignore[misc]
                         predictions, version = await batcher(name, rows)
-            except TimeoutError:
-                raise serve_http.ApiError(
-                    504, "timeout", f"no answer within {self.args.request_timeout_s:g}s"
-                ) from None
-            finally:
-                self._count_pending(name, -1)
+                finally:
+                    self._count_pending(name, -1)
             return {"predictions": predictions, "model": name, "version": version}
+        except TimeoutError:
+            code = "408" if reading else "504"
+            if reading:
+                raise serve_http.body_timeout(timeout) from None
+            raise serve_http.answer_timeout(timeout) from None
         except (serve_http.ApiError, api_keys.Denied) as exc:
             code = str(exc.status)
             raise
@@ -225,7 +244,8 @@ class ModelServer:
         return status
 
     async def _instances(self, request: Request, loaded: Loaded) -> np.ndarray:
-        payload = await serve_http.json_body(request, self.args.max_payload_bytes)
+        body = await serve_http.read_body(request, self.args.max_payload_bytes)
+        payload = serve_http.parse_json(body)
         instances = payload.get("instances") if isinstance(payload, dict) else None
         if not isinstance(instances, list) or not instances:
             raise serve_http.ApiError(
@@ -237,12 +257,17 @@ class ModelServer:
                 "too_many_instances",
                 f"{len(instances)} instances; at most {self.args.max_instances} per request",
             )
+        # numpy turns "1" and true into numbers without a word. A string or a boolean shows
+        # in the body as a quote beyond the two of "instances", or as a literal: only such
+        # bodies pay for a look at every value.
+        if body.count(b'"') > 2 or b"true" in body or b"false" in body:
+            _numbers_only(instances)
         try:
             rows = np.asarray(instances, dtype=np.float32)
-        except (ValueError, TypeError):
-            raise serve_http.ApiError(
-                400, "invalid_instances", "instances must be rows of numbers of equal length"
-            ) from None
+        except OverflowError:  # an integer beyond float's range
+            raise _not_finite() from None
+        except (ValueError, TypeError, RecursionError):
+            raise _invalid_instances() from None
         if rows.ndim < 2:
             raise serve_http.ApiError(
                 422, "wrong_shape", "each instance must be a list of values (a row)"
@@ -256,9 +281,35 @@ class ModelServer:
                 f"each instance must have {loaded.features} values (shape {shape}); "
                 f"got {rows.shape[1]}",
             )
+        # Numbers beyond float32's range arrive here as infinities.
         if not np.isfinite(rows).all():
-            raise serve_http.ApiError(422, "not_finite", "instances contain NaN or infinite values")
+            raise _not_finite()
         return rows
+
+
+def _invalid_instances() -> serve_http.ApiError:
+    return serve_http.ApiError(
+        400,
+        "invalid_instances",
+        "instances must be rows of numbers of equal length (not strings or booleans)",
+    )
+
+
+def _not_finite() -> serve_http.ApiError:
+    return serve_http.ApiError(
+        422, "not_finite", "instances contain NaN, infinite or out-of-range (float32) values"
+    )
+
+
+def _numbers_only(instances: list[Any]) -> None:
+    """400 unless every leaf of ``instances`` is a JSON number (None counts: it is NaN)."""
+    stack: list[Any] = [instances]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, list):
+            stack.extend(value)
+        elif isinstance(value, bool) or not isinstance(value, (int, float, type(None))):
+            raise _invalid_instances()
 
 
 def build_app(args: Args) -> serve.Application:

@@ -102,7 +102,11 @@ def _keys_file(func: Callable[..., Any]) -> Callable[..., Any]:
 @target.cluster_option
 @console.user_errors
 def create_key(key_id: str, rate_limit: float | None, keys_file: str, cluster_path: Path) -> None:
-    """Create a key; it is printed once and only its hash is stored."""
+    """Create a key; it is printed once and only its hash is stored.
+
+    Safe beside another create or revoke of the same file (a lock beside it, on a local
+    storage root); a damaged file is refused, never overwritten.
+    """
     from aiaas import api_keys
     from aiaas.storage import Storage
 
@@ -142,9 +146,9 @@ def list_keys(keys_file: str, cluster_path: Path) -> None:
 
     storage = Storage(target.load_cluster(cluster_path).storage_root)
     for entry in api_keys.entries(storage, keys_file):
-        state = "revoked" if entry.get("revoked") else "live"
-        limit = entry.get("rate_limit_per_s")
-        click.echo(f"{entry['id']:<24} {state:<8} {f'{limit:g}/s' if limit else 'no limit'}")
+        state = "revoked" if entry.revoked else "live"
+        limit = entry.rate_limit_per_s
+        click.echo(f"{entry.id:<24} {state:<8} {f'{limit:g}/s' if limit else 'no limit'}")
 
 
 def _print_status(cluster: ClusterConfig, only: list[str] | None = None) -> None:
