@@ -108,6 +108,15 @@ def test_up_restarts_a_lost_worker(cluster: RunningCluster) -> None:
 def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
     bystander = psutil.Process(os.getpid())  # a process of ours that down must not touch
     small = start(tmp_path, "solo", workers=1)
+    try:
+        _check_down_stops_everything(small, bystander)
+    finally:
+        # A failed check must not leave a second cluster running beside the rest of the suite.
+        if small.state_path.exists():
+            support.run("aiaas", "cluster", "down", str(small.config_path))
+
+
+def _check_down_stops_everything(small: RunningCluster, bystander: psutil.Process) -> None:
     assert support.processes_under(small.temp_root), "the cluster should be running"
     # A second cluster beside the session's one takes jobs too (no shared agent port).
     second = support.ray_job_submit(

@@ -35,6 +35,8 @@ _GRPC_METHODS = (
     "/ray.rpc.LogService/ListLogs",
     "/ray.rpc.RayletDriver/ClusterInfo",
     "/ray.rpc.RayletDataStreamer/Datapath",
+    # Serve replicas' inter-deployment server.
+    "/ray.serve.ASGIService/HandleRequest",
 )
 #: gRPC's standard health check answers "serving" to anyone and runs nothing.
 _GRPC_HEALTH = "/grpc.health.v1.Health/Check"
@@ -104,8 +106,12 @@ def _classify_grpc(address: str, port: int) -> str:
     own = {m: code for m, code in answers.items() if m != _GRPC_HEALTH and code != "UNIMPLEMENTED"}
     if own and set(own.values()) == {"UNAUTHENTICATED"}:
         return f"gRPC, token required ({', '.join(m.rsplit('/', 1)[1] for m in own)})"
-    if not own and answers[_GRPC_HEALTH] in ("OK", "UNIMPLEMENTED"):
-        return f"UNKNOWN gRPC: no Ray method answered; health {answers[_GRPC_HEALTH]}"
+    if set(answers.values()) == {"UNAVAILABLE"}:
+        return "GONE: nothing answers any more"
+    if not own:
+        # A server that implements none of Ray's services runs nothing (a replica's server
+        # between registering its service and shutting down, say).
+        return "gRPC, serves no Ray method (runs nothing)"
     return f"OPEN gRPC: {own}"
 
 
@@ -115,6 +121,13 @@ def test_every_listener_on_the_machine_address_needs_the_token_or_is_metrics_onl
     address = _machine_address(cluster)
     listeners = _outside_listeners(cluster)
     kinds = {port: (name, _classify(address, port)) for port, name in sorted(listeners.items())}
+    # Processes come and go (a replica shutting down): judge what still listens afterwards.
+    still = _outside_listeners(cluster)
+    kinds = {
+        port: kind
+        for port, kind in kinds.items()
+        if port in still or not kind[1].startswith(("GONE", "OPEN"))
+    }
     table = "\n".join(f"  {port:>5}  {name:<28} {kind}" for port, (name, kind) in kinds.items())
     print(f"\nListeners of cluster e2e reachable at {address}:\n{table}")
     bad = {port: kind for port, (_, kind) in kinds.items() if not kind.startswith(("HTTP", "gRPC"))}
