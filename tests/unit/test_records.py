@@ -6,7 +6,15 @@ import time
 from pathlib import Path
 
 from aiaas.storage import Storage
-from jobs import records
+from jobs import outcomes, records
+
+_TEST = outcomes.TestMetrics(accuracy=1.0, loss=0.1, rows=10)
+
+
+def _trained(**fields: object) -> outcomes.TrainingOutcome:
+    return outcomes.TrainingOutcome.model_validate(
+        {"run": "r", "test": _TEST, "epochs_run": 0, "history": [], "checkpoint": "/c", **fields}
+    )
 
 
 def _record(storage: Storage, submission_id: str) -> None:
@@ -31,19 +39,17 @@ def test_outcome_settles_the_status(tmp_path: Path) -> None:
     _record(storage, "ok")
     _record(storage, "bad")
     _record(storage, "running")
+    records.save_outcome(storage, "ok", "train", Path("c.yaml"), _trained(), "SUCCEEDED")
     records.save_outcome(
-        storage, "ok", "train", Path("c.yaml"), {"test": {"accuracy": 1}}, "SUCCEEDED"
+        storage, "bad", "train", Path("c.yaml"), outcomes.JobFailure(error="gate"), "FAILED"
     )
-    records.save_outcome(storage, "bad", "train", Path("c.yaml"), {"error": "gate"}, "FAILED")
     found = {record.submission_id: record.status for record in records.all_records(storage)}
     assert found == {"ok": "SUCCEEDED", "bad": "FAILED", "running": "PENDING"}
 
 
 def test_jobs_from_rays_cli_record_themselves(tmp_path: Path) -> None:
     storage = Storage(str(tmp_path))
-    records.save_outcome(
-        storage, "ray-02000000", "train", Path("c.yaml"), {"test": {}}, "SUCCEEDED"
-    )
+    records.save_outcome(storage, "ray-02000000", "train", Path("c.yaml"), _trained(), "SUCCEEDED")
     [record] = records.all_records(storage)
     assert record.address == "(submitted with Ray's own CLI)"
-    assert record.status == "SUCCEEDED" and record.result == {"test": {}}
+    assert record.status == "SUCCEEDED" and record.outcome == _trained()
