@@ -14,9 +14,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, Field
 
 from aiaas import datasets, progress
 from aiaas.config.train import TrainConfig
+
+
+class LoopArgs(BaseModel):
+    """What the driver ships to every worker (Ray Train passes it on as a plain dict)."""
+
+    config: TrainConfig
+    dataset_schema: datasets.DatasetSchema
+    parquet: dict[str, str] = Field(
+        default_factory=dict,
+        description="splits each worker reads its share of from Parquet itself, by split name",
+    )
+
+    def loop_config(self) -> dict[str, Any]:
+        """The ``train_loop_config`` of a TorchTrainer."""
+        return self.model_dump(mode="json")
 
 
 def train_loop(loop: dict[str, Any]) -> None:
@@ -28,8 +44,8 @@ def train_loop(loop: dict[str, Any]) -> None:
 
     from aiaas import models
 
-    config = TrainConfig.model_validate(loop["config"])
-    schema = datasets.DatasetSchema.model_validate(loop["schema"])
+    args = LoopArgs.model_validate(loop)
+    config, schema = args.config, args.dataset_schema
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     # Small models on a few cores run faster single-threaded than fighting over threads.
@@ -58,7 +74,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     features, label = schema.features, schema.label
     # A split is either a Ray Dataset (streamed, or read into memory from its shard) or, when
     # a worker's share fits in memory, a Parquet path each worker reads its share of directly.
-    direct: dict[str, str] = loop.get("parquet", {})
+    direct = args.parquet
     train_shard: Any = None if "train" in direct else ray.train.get_dataset_shard("train")
     val_shard: Any = None if "validation" in direct else ray.train.get_dataset_shard("validation")
 

@@ -62,11 +62,9 @@ def build_trainer(
 
     return TorchTrainer(
         train_loop.train_loop,
-        train_loop_config={
-            "config": config.loop_config(),
-            "schema": schema.model_dump(mode="json"),
-            "parquet": direct or {},
-        },
+        train_loop_config=train_loop.LoopArgs(
+            config=config, dataset_schema=schema, parquet=direct or {}
+        ).loop_config(),
         scaling_config=config.scaling.scaling_config(),
         torch_config=TorchConfig(backend="nccl" if config.scaling.use_gpu else "gloo"),
         run_config=RunConfig(

@@ -4,7 +4,6 @@ through the job record and back, and the progress marker's lines."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -113,44 +112,6 @@ def test_each_kind_of_outcome_reads_back_as_its_model() -> None:
     assert outcomes.parse(_trained().record()) == _trained()
     assert outcomes.parse({"error": "boom"}) == outcomes.JobFailure(error="boom")
     assert outcomes.parse({"something": "else"}) is None
-
-
-def test_a_gate_failure_is_recorded_with_its_measurements(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("AIAAS_STORAGE_ROOT", str(tmp_path))
-    monkeypatch.setenv("AIAAS_SUBMISSION_ID", "job-2")
-    storage = Storage(str(tmp_path))
-    records.save(
-        storage,
-        records.JobRecord(
-            submission_id="job-2",
-            kind="train",
-            config_name="c",
-            config_path="c.yaml",
-            config_hash="h",
-            config={},
-            entrypoint="python -m jobs.train c.yaml",
-            address="http://127.0.0.1:8265",
-            submitted_at=time.time(),
-        ),
-    )
-
-    def work() -> outcomes.TrainingOutcome:
-        outcome = _trained()
-        outcome.gate = gate.verdict(["test accuracy 0.9125 is not >= 0.95"])
-        gate.refuse("registration", ["test accuracy 0.9125 is not >= 0.95"], outcome)
-
-    code, outcome = entrypoint.run_job("train", Path("c.yaml"), work)
-    assert (code, outcome) == (1, None)
-    record = records.load(storage, "job-2")
-    assert record is not None and record.status == "FAILED"
-    assert isinstance(record.outcome, outcomes.TrainingOutcome)
-    assert record.outcome.gate == "failed: test accuracy 0.9125 is not >= 0.95"
-    assert record.outcome.error == (
-        "registration gate failed: test accuracy 0.9125 is not >= 0.95; nothing was registered"
-    )
-    assert record.outcome.registered is None
 
 
 def test_progress_events_round_trip_among_log_lines() -> None:
