@@ -10,7 +10,6 @@ checkpoint — not start-up. Checkpoint cost: aiaas's per-epoch report with a ch
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import shutil
@@ -23,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from aiaas import progress
 from bench import report, serving
 from tests import support
 
@@ -126,9 +126,8 @@ def _run_aiaas(bench: serving.Bench, directory: Path, workers: int) -> dict[str,
     job = result.stdout.split("Submitted ", 1)[1].split()[0]
     log = support.run("aiaas", "jobs", "logs", job, "--cluster", str(bench.config)).stdout
     epochs: dict[int, dict[str, float]] = {}
-    for line in log.splitlines():
-        if "aiaas-progress " in line and '"epoch_s"' in line:
-            event = json.loads(line.split("aiaas-progress ", 1)[1])
+    for event in progress.events(log.splitlines()):
+        if "epoch_s" in event:
             epochs[int(event["epoch"])] = event
     if len(epochs) != EPOCHS:
         raise RuntimeError(f"expected {EPOCHS} epochs in the log of {job}, got {len(epochs)}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from aiaas import progress
 from bench import report, serving
 from tests import support
 
@@ -112,10 +113,7 @@ def _train(config: Path, directory: Path, dataset: str, run: str) -> dict[str, A
     log = support.run("aiaas", "jobs", "logs", job, "--cluster", str(config)).stdout
     phases: dict[str, dict[str, Any]] = {}
     epochs: list[dict[str, Any]] = []
-    for line in log.splitlines():
-        if "aiaas-progress " not in line:
-            continue
-        event = json.loads(line.split("aiaas-progress ", 1)[1])
+    for event in progress.events(log.splitlines()):
         if "phase" in event:
             phases.setdefault(event["phase"], event)
         elif "epoch_s" in event:

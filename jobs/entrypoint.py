@@ -7,40 +7,60 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 from aiaas import errors
 from aiaas.storage import Storage
-from jobs import records
+from jobs import outcomes, records
+
+#: The outcome model a job's work returns.
+Outcome = TypeVar("Outcome", outcomes.TrainingOutcome, outcomes.OptimizeReport)
 
 
 class GateFailed(errors.JobError):
     """A model missed its gate; ``outcome`` holds the measurements that say by how much."""
 
-    def __init__(self, message: str, outcome: dict[str, Any]) -> None:
+    def __init__(
+        self, message: str, outcome: outcomes.TrainingOutcome | outcomes.OptimizeReport
+    ) -> None:
         super().__init__(message)
         self.outcome = outcome
 
 
+def storage() -> Storage:
+    """The cluster's storage root, which ``aiaas cluster up`` gives every node.
+
+    Raises:
+        ClusterError: The job runs outside an aiaas cluster.
+    """
+    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    if not root:
+        raise errors.ClusterError(
+            "AIAAS_STORAGE_ROOT is not set on this node",
+            "Run the job on a cluster started with 'aiaas cluster up' (it sets the storage root).",
+        )
+    return Storage(root)
+
+
 def run_job(
-    kind: str, config_path: Path, work: Callable[[], dict[str, Any]]
-) -> tuple[int, dict[str, Any] | None]:
+    kind: str, config_path: Path, work: Callable[[], Outcome]
+) -> tuple[int, Outcome | None]:
     """Run ``work``; returns the exit code and, on success, the outcome."""
     try:
         outcome = work()
     except GateFailed as exc:
-        record(kind, config_path, {**exc.outcome, "error": exc.message}, "FAILED")
+        record(kind, config_path, exc.outcome.model_copy(update={"error": exc.message}), "FAILED")
         print(f"Error: {exc}", file=sys.stderr)
         return 1, None
     except errors.AiaasError as exc:
-        record(kind, config_path, {"error": str(exc)}, "FAILED")
+        record(kind, config_path, outcomes.JobFailure(error=str(exc)), "FAILED")
         print(f"Error: {exc}", file=sys.stderr)
         return 1, None
     record(kind, config_path, outcome, "SUCCEEDED")
     return 0, outcome
 
 
-def record(kind: str, config_path: Path, outcome: dict[str, Any], status: str) -> None:
+def record(kind: str, config_path: Path, outcome: outcomes.JobOutcome, status: str) -> None:
     """Keep the job's outcome (nowhere to keep it outside an aiaas cluster)."""
     root = os.environ.get("AIAAS_STORAGE_ROOT")
     if root:

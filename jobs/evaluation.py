@@ -10,6 +10,7 @@ import numpy as np
 from aiaas import datasets
 from aiaas.config.train import TrainConfig
 from aiaas.storage import Storage
+from jobs import outcomes
 
 
 def load_model(config: TrainConfig, schema: datasets.DatasetSchema, checkpoint: Any) -> Any:
@@ -59,7 +60,7 @@ def test_head(
 
 def evaluate(
     model: Any, storage: Storage, config: TrainConfig, schema: datasets.DatasetSchema
-) -> dict[str, float]:
+) -> outcomes.TestMetrics:
     """Accuracy and mean cross-entropy loss on the test split, read in record batches so the
     driver's memory does not grow with the data set."""
     import pyarrow
@@ -76,8 +77,6 @@ def evaluate(
         loss_sum += float(loss)
         correct += int((logits.argmax(1).numpy() == y).sum())
         rows += len(y)
-    return {
-        "accuracy": round(correct / max(rows, 1), 6),
-        "loss": round(loss_sum / max(rows, 1), 6),
-        "rows": rows,
-    }
+    return outcomes.TestMetrics(
+        accuracy=round(correct / max(rows, 1), 6), loss=round(loss_sum / max(rows, 1), 6), rows=rows
+    )

@@ -10,26 +10,23 @@ and in the job record.
 from __future__ import annotations
 
 import io
-import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
-from aiaas import artifacts, datasets, errors, registration, registry
+from aiaas import artifacts, datasets, errors, progress, registration, registry
 from aiaas.config import loader
 from aiaas.config.optimize import OptimizeConfig
 from aiaas.storage import Storage
-from jobs import entrypoint, evaluation, records
-
-PROGRESS = "aiaas-progress"
+from jobs import entrypoint, evaluation, gate, outcomes, records
 
 
-def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str, Any]:
+def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> outcomes.OptimizeReport:
     """Convert, measure, gate and register; returns the report.
 
     Raises:
@@ -61,28 +58,26 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
     else:
         child = artifacts.TorchPredictor(converted, config.method)
     report = _measure(config, source, child, x, y)
-    report["parent"] = {**report["parent"], "model": parent.name, "version": parent.version}
-    report["method"] = config.method
-    report["size_bytes"] = {"parent": _size(module), "optimized": _size(converted)}
-    print(f"{PROGRESS} {json.dumps({'optimize': report})}", flush=True)
-    broken = _gate_failures(config, report)
-    report["gate"] = "failed: " + "; ".join(broken) if broken else "passed"
+    report.parent.model, report.parent.version = parent.name, parent.version
+    report.method = config.method
+    report.size_bytes = outcomes.ModelSizes(parent=_size(module), optimized=_size(converted))
+    progress.emit({"optimize": report.record()})
+    broken = gate.optimize_failures(config.gate, report)
+    report.gate = gate.verdict(broken)
     run_id = _log_run(config, parent, report, job_id)
     if broken:
-        raise entrypoint.GateFailed(
-            f"optimize gate failed: {'; '.join(broken)}; nothing was registered", report
-        )
+        gate.refuse("optimize", broken, report)
     lineage = {
+        **gate.job_lineage(config),
+        # The id the driver passed: this runs in a task, whose own job id is the driver's.
+        "job_id": job_id,
         "parent": f"{parent.name}:{parent.version}",
         "parent_run": parent.run_id,
         "method": config.method,
-        "job_id": job_id,
         "dataset": dataset,
         "dataset_fingerprint": parent.lineage.get("dataset_fingerprint", ""),
-        "config_hash": records.config_hash(config.model_dump(mode="json")),
-        "git_commit": records.git_commit(),
-        "accuracy_delta_points": f"{report['accuracy_delta_points']:+.3f}",
-        "latency_ratio_single": f"{report['latency_ratio_single']:.3f}",
+        "accuracy_delta_points": f"{report.accuracy_delta_points:+.3f}",
+        "latency_ratio_single": f"{report.latency_ratio_single:.3f}",
     }
     name = config.register_as or parent.name
     if config.method == "onnx":
@@ -93,7 +88,9 @@ def optimize(config: OptimizeConfig, job_id: str, storage_root: str) -> dict[str
         registered = registration.register_torch_model(
             run_id, name, converted, x[:8], lineage, model_format=config.method
         )
-    report["registered"] = {"model": registered.name, "version": registered.version}
+    report.registered = outcomes.RegisteredVersion(
+        model=registered.name, version=registered.version
+    )
     return report
 
 
@@ -103,7 +100,7 @@ def _measure(
     child: artifacts.Predictor,
     x: np.ndarray,
     y: np.ndarray,
-) -> dict[str, Any]:
+) -> outcomes.OptimizeReport:
     spec = config.latency
     accuracy = {
         "parent": float((parent.predict(x).argmax(1) == y).mean()),
@@ -127,50 +124,32 @@ def _measure(
                 predictor.predict(batch)
             batched[label].append(spec.batches * spec.batch_size / (time.perf_counter() - started))
 
-    def summary(label: str) -> dict[str, float]:
-        return {
-            "accuracy": round(accuracy[label], 6),
-            "p50_single_ms": round(float(np.percentile(singles[label], 50)) * 1000, 4),
-            "p99_single_ms": round(float(np.percentile(singles[label], 99)) * 1000, 4),
-            "batched_rows_per_s": round(float(np.median(batched[label])), 1),
-        }
+    def summary(label: str) -> outcomes.PredictorFigures:
+        return outcomes.PredictorFigures(
+            accuracy=round(accuracy[label], 6),
+            p50_single_ms=round(float(np.percentile(singles[label], 50)) * 1000, 4),
+            p99_single_ms=round(float(np.percentile(singles[label], 99)) * 1000, 4),
+            batched_rows_per_s=round(float(np.median(batched[label])), 1),
+        )
 
     parent_summary, child_summary = summary("parent"), summary("optimized")
-    return {
-        "parent": parent_summary,
-        "optimized": child_summary,
-        "accuracy_delta_points": round((accuracy["optimized"] - accuracy["parent"]) * 100, 4),
-        "latency_ratio_single": round(
-            child_summary["p50_single_ms"] / parent_summary["p50_single_ms"], 4
+    return outcomes.OptimizeReport(
+        parent=parent_summary,
+        optimized=child_summary,
+        accuracy_delta_points=round((accuracy["optimized"] - accuracy["parent"]) * 100, 4),
+        latency_ratio_single=round(child_summary.p50_single_ms / parent_summary.p50_single_ms, 4),
+        throughput_ratio_batched=round(
+            child_summary.batched_rows_per_s / parent_summary.batched_rows_per_s, 4
         ),
-        "throughput_ratio_batched": round(
-            child_summary["batched_rows_per_s"] / parent_summary["batched_rows_per_s"], 4
-        ),
-        "test_rows": len(y),
-        "batch_size": spec.batch_size,
-        "rounds": spec.rounds,
-        "threads": spec.threads,
-    }
-
-
-def _gate_failures(config: OptimizeConfig, report: dict[str, Any]) -> list[str]:
-    broken = []
-    drop = -report["accuracy_delta_points"]
-    if drop > config.gate.max_accuracy_drop:
-        broken.append(
-            f"test accuracy dropped {drop:.2f} points (allowed: {config.gate.max_accuracy_drop:g})"
-        )
-    ratio = report["latency_ratio_single"]
-    if config.gate.max_latency_ratio is not None and ratio > config.gate.max_latency_ratio:
-        broken.append(
-            f"p50 single-request latency is {ratio:.2f}x the parent's "
-            f"(allowed: {config.gate.max_latency_ratio:g}x)"
-        )
-    return broken
+        test_rows=len(y),
+        batch_size=spec.batch_size,
+        rounds=spec.rounds,
+        threads=spec.threads,
+    )
 
 
 def _log_run(
-    config: OptimizeConfig, parent: registry.Version, report: dict[str, Any], job_id: str
+    config: OptimizeConfig, parent: registry.Version, report: outcomes.OptimizeReport, job_id: str
 ) -> str:
     import mlflow
 
@@ -181,14 +160,14 @@ def _log_run(
         mlflow.log_params({"method": config.method, "parent": f"{parent.name}:{parent.version}"})
         mlflow.log_metrics(
             {
-                "test_accuracy": report["optimized"]["accuracy"],
-                "accuracy_delta_points": report["accuracy_delta_points"],
-                "latency_ratio_single": report["latency_ratio_single"],
-                "throughput_ratio_batched": report["throughput_ratio_batched"],
-                "p50_single_ms": report["optimized"]["p50_single_ms"],
+                "test_accuracy": report.optimized.accuracy,
+                "accuracy_delta_points": report.accuracy_delta_points,
+                "latency_ratio_single": report.latency_ratio_single,
+                "throughput_ratio_batched": report.throughput_ratio_batched,
+                "p50_single_ms": report.optimized.p50_single_ms,
             }
         )
-        mlflow.log_dict(report, "optimize_report.json")
+        mlflow.log_dict(report.record(), "optimize_report.json")
         mlflow.set_tags({f"{registry.LINEAGE_PREFIX}job_id": job_id})
         return str(run.info.run_id)
 
@@ -206,34 +185,44 @@ def _size(model: Any) -> int:
     return buffer.getbuffer().nbytes
 
 
-def run(config: OptimizeConfig) -> dict[str, Any]:
+class _TaskFailure(BaseModel):
+    """One of our errors, sent back from the task as data: its hint and gate report survive
+    the trip (a raised exception would reach the driver as Ray's wrapper)."""
+
+    message: str
+    hint: str | None = None
+    report: outcomes.OptimizeReport | None = None
+
+
+def run(config: OptimizeConfig) -> outcomes.OptimizeReport:
     """Run :func:`optimize` in a Ray task holding one CPU, so timings are not shared."""
     import ray
 
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if not root:
-        raise errors.ClusterError(
-            "AIAAS_STORAGE_ROOT is not set on this node",
-            "Run the job on a cluster started with 'aiaas cluster up'.",
-        )
+    storage = entrypoint.storage()
     ray.init(logging_level=logging.WARNING)
     task = ray.remote(num_cpus=1, max_retries=0)(_optimize_task)
-    outcome: dict[str, Any] = ray.get(task.remote(config, records.current_job_id(), root))
-    if "error" in outcome:
-        # Our errors come back as data: their hints and gate reports survive the trip.
-        error = outcome["error"]
-        if error["report"] is not None:
-            raise entrypoint.GateFailed(error["message"], error["report"])
-        raise errors.JobError(error["message"], error["hint"])
-    return dict(outcome["report"])
+    outcome: outcomes.OptimizeReport | _TaskFailure = ray.get(
+        task.remote(config, records.current_job_id(), storage.root)
+    )
+    if isinstance(outcome, _TaskFailure):
+        if outcome.report is not None:
+            raise entrypoint.GateFailed(outcome.message, outcome.report)
+        raise errors.JobError(outcome.message, outcome.hint)
+    return outcome
 
 
-def _optimize_task(config: OptimizeConfig, job_id: str, root: str) -> dict[str, Any]:
+def _optimize_task(
+    config: OptimizeConfig, job_id: str, root: str
+) -> outcomes.OptimizeReport | _TaskFailure:
     try:
-        return {"report": optimize(config, job_id, root)}
+        return optimize(config, job_id, root)
     except errors.AiaasError as exc:
         report = exc.outcome if isinstance(exc, entrypoint.GateFailed) else None
-        return {"error": {"message": exc.message, "hint": exc.hint, "report": report}}
+        return _TaskFailure(
+            message=exc.message,
+            hint=exc.hint,
+            report=report if isinstance(report, outcomes.OptimizeReport) else None,
+        )
 
 
 def main(argv: list[str]) -> int:
@@ -244,20 +233,20 @@ def main(argv: list[str]) -> int:
     config_path = Path(argv[0])
     config: OptimizeConfig | None = None
 
-    def work() -> dict[str, Any]:
+    def work() -> outcomes.OptimizeReport:
         nonlocal config
         config = loader.load(config_path, OptimizeConfig)
         return run(config)
 
     code, report = entrypoint.run_job("optimize", config_path, work)
-    if report and config is not None:
-        registered = report["registered"]
+    registered = report.registered if report else None
+    if report and registered and config is not None:
         print(
-            f"Registered {registered['model']} version {registered['version']} "
+            f"Registered {registered.model} version {registered.version} "
             f"({config.method} of {config.model}: accuracy "
-            f"{report['accuracy_delta_points']:+.2f} points, single-request latency "
-            f"{report['latency_ratio_single']:.2f}x, batched throughput "
-            f"{report['throughput_ratio_batched']:.2f}x)"
+            f"{report.accuracy_delta_points:+.2f} points, single-request latency "
+            f"{report.latency_ratio_single:.2f}x, batched throughput "
+            f"{report.throughput_ratio_batched:.2f}x)"
         )
     return code
 

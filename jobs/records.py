@@ -1,8 +1,9 @@
 """Job records under the storage root, so `aiaas jobs list` outlives the cluster.
 
 ``jobs/<id>/record.json`` is written by the submitter and refreshed from Ray while the cluster
-runs; ``jobs/<id>/result.json`` is written by the job itself (metrics, registered version).
-Two files, two writers: neither overwrites the other's facts.
+runs; ``jobs/<id>/result.json`` is written by the job itself (metrics, registered version), as
+one of the models of :mod:`jobs.outcomes`. Two files, two writers: neither overwrites the
+other's facts.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from aiaas.storage import Storage
+from jobs import outcomes
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -38,7 +40,14 @@ class JobRecord(BaseModel):
     message: str | None = None
     ended_at: float | None = None
     log_tail: str | None = None
+    # The job's result.json as written (what `aiaas jobs status --json` prints); read it typed
+    # through `outcome`.
     result: dict[str, Any] | None = None
+
+    @property
+    def outcome(self) -> outcomes.JobOutcome | None:
+        """The job's own result as its outcome model, or None before the job wrote one."""
+        return outcomes.parse(self.result) if self.result is not None else None
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -70,12 +79,12 @@ def save_outcome(
     job_id: str,
     kind: str,
     config_path: Path,
-    outcome: dict[str, Any],
+    outcome: outcomes.JobOutcome,
     status: str,
 ) -> None:
     """Write the job's own outcome, and a record too when the job was submitted with Ray's CLI
     (so `aiaas jobs list` shows it beside the jobs `aiaas train` submitted)."""
-    storage.write_text(f"jobs/{job_id}/result.json", json.dumps(outcome, indent=2, default=str))
+    storage.write_text(f"jobs/{job_id}/result.json", json.dumps(outcome.record(), indent=2))
     if storage.read_text(f"jobs/{job_id}/record.json") is None:
         config_text = config_path.read_text() if config_path.exists() else ""
         save(
@@ -122,7 +131,9 @@ def load(storage: Storage, submission_id: str) -> JobRecord | None:
     update: dict[str, Any] = {"result": result}
     if record.status not in TERMINAL:
         # The job wrote its outcome but its cluster went away before the record was refreshed.
-        update["status"] = "FAILED" if "error" in result else "SUCCEEDED"
+        # A result no outcome model reads is no evidence of success.
+        outcome = outcomes.parse(result)
+        update["status"] = "FAILED" if outcome is None or outcome.error else "SUCCEEDED"
     return record.model_copy(update=update)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import shutil
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aiaas import errors, ray_auth
+from aiaas import progress as aiaas_progress
 from aiaas.config.cluster import ClusterConfig
 from aiaas.storage import Storage
 from jobs import records
@@ -221,14 +221,8 @@ def follow(
 
 
 def progress(lines: Iterator[str] | list[str]) -> Iterator[dict[str, Any]]:
-    """The structured progress events among a job's log lines."""
-    for line in lines:
-        marker = line.find("aiaas-progress ")
-        if marker >= 0:
-            try:
-                yield json.loads(line[marker + len("aiaas-progress ") :])
-            except json.JSONDecodeError:
-                continue
+    """The structured progress events among a job's log lines (see :mod:`aiaas.progress`)."""
+    return aiaas_progress.events(lines)
 
 
 def _quiet_ray_logs() -> None:

@@ -1,10 +1,11 @@
 """The tune job: ``python -m jobs.tune CONFIG [--resume]`` (submitted by ``aiaas tune``).
 
-Every trial is the train config with the trial's values, trained by ``jobs.train``'s own
-TorchTrainer and loop; Ray Train's reports reach Tune (``TuneReportCallback``), so ASHA or median
-stopping ends weak trials between epochs. The results table goes to Parquet under the storage
-root; the best trial's best checkpoint is evaluated on the test split and registered through
-the same gate as a training job, with the tune run and the winning values in its lineage.
+Every trial is the train config with the trial's values, trained by the training job's own
+TorchTrainer and loop (:mod:`jobs.trainer`, :mod:`jobs.train_loop`); Ray Train's reports reach
+Tune (``TuneReportCallback``), so ASHA or median stopping ends weak trials between epochs. The
+results table goes to Parquet under the storage root; the best trial's best checkpoint is
+evaluated on the test split and registered through the same gate as a training job
+(:mod:`jobs.gate`), with the tune run and the winning values in its lineage.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aiaas import datasets, errors
+from pydantic import BaseModel, ConfigDict
+
+from aiaas import datasets, errors, progress
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
 from aiaas.config.tune import TuneConfig, apply
 from aiaas.storage import Storage
-from jobs import entrypoint, train
-
-PROGRESS = train.PROGRESS
+from jobs import entrypoint, gate, outcomes, trainer
 
 
 def trial_config(config: TuneConfig, base: TrainConfig, params: dict[str, Any]) -> TrainConfig:
@@ -54,7 +55,7 @@ def _trial(
     config = TuneConfig.model_validate(tune_config)
     trial = trial_config(config, TrainConfig.model_validate(base), params)
     trial_id = tune.get_context().get_trial_id()
-    trainer = train.build_trainer(
+    trial_trainer = trainer.build_trainer(
         trial,
         datasets.DatasetSchema.model_validate(schema),
         splits,
@@ -62,17 +63,17 @@ def _trial(
         run_name=f"{config.name}-{trial_id}",
         callbacks=[TuneReportCallback()],
     )
-    trainer.fit()
+    trial_trainer.fit()
 
 
-def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
+def run(config: TuneConfig, config_path: Path, resume: bool) -> outcomes.TrainingOutcome:
     """Search, write the results table, evaluate and register the best trial."""
     from ray import tune
 
     base = loader.load(config.train, TrainConfig)
     first = trial_config(config, base, {})
-    storage, schema = train.prepare(first, config_path)
-    splits = train.read_splits(first, storage)
+    storage, schema = trainer.prepare(first, config_path)
+    splits = trainer.read_splits(first, storage)
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -110,33 +111,32 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> dict[str, Any]:
     grid = tuner.fit()
     table = _table(config, grid, base)
     storage.write_bytes(f"tune/{config.name}/results.parquet", _parquet(table))
-    print(f"{PROGRESS} {json.dumps({'trials': table}, default=str)}", flush=True)
+    progress.emit({"trials": table})
     best = _best(config, grid)
-    winner = trial_config(config, base, best["params"])
+    winner = trial_config(config, base, best.params)
     if config.registration is not None:
         winner = winner.model_copy(update={"registration": config.registration})
-    outcome = train.evaluate_and_register(
+    return gate.evaluate_and_register(
         winner,
         config_path,
         schema,
         storage,
-        best["checkpoint"],
-        best["history"],
-        {
-            "run": config.name,
-            "resumed": bool(resumed),
-            "trials": table,
-            "best_trial": best["trial_id"],
-            "best_params": best["params"],
-            "results": storage.path("tune", config.name, "results.parquet"),
-        },
+        best.checkpoint,
+        best.history,
+        outcomes.RunSummary(
+            run=config.name,
+            resumed=bool(resumed),
+            trials=table,
+            best_trial=best.trial_id,
+            best_params=best.params,
+            results=storage.path("tune", config.name, "results.parquet"),
+        ),
         lineage_extra={
             "tune_run": config.name,
-            "tune_trial": best["trial_id"],
-            "tune_params": json.dumps(best["params"], sort_keys=True)[:5000],
+            "tune_trial": best.trial_id,
+            "tune_params": json.dumps(best.params, sort_keys=True)[:5000],
         },
     )
-    return outcome
 
 
 def search_algorithm(config: TuneConfig) -> Any:
@@ -197,7 +197,19 @@ def _order(config: TuneConfig, row: dict[str, Any]) -> float:
     return -value if config.mode == "max" else value
 
 
-def _best(config: TuneConfig, grid: Any) -> dict[str, Any]:
+class _BestTrial(BaseModel):
+    """The winning trial's best epoch: what is evaluated and registered."""
+
+    # A Ray Train checkpoint is no pydantic type.
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    trial_id: str
+    params: dict[str, Any]
+    checkpoint: Any
+    history: list[outcomes.EpochMetrics]
+
+
+def _best(config: TuneConfig, grid: Any) -> _BestTrial:
     """The best epoch of the best trial, with a checkpoint that still exists."""
     from ray.train import Checkpoint
 
@@ -214,16 +226,12 @@ def _best(config: TuneConfig, grid: Any) -> dict[str, Any]:
         raise errors.JobError(f"tune run '{config.name}' has no trial with a checkpoint")
     pick = max if config.mode == "max" else min
     _, result, path = pick(candidates, key=lambda c: c[0])
-    history = [
-        {k: float(v) for k, v in row.items() if k in train.HISTORY_KEYS}
-        for row in result.metrics_dataframe.to_dict("records")
-    ]
-    return {
-        "trial_id": _trial_id(result),
-        "params": {k: _plain(v) for k, v in (result.config or {}).items()},
-        "checkpoint": Checkpoint(path),
-        "history": history,
-    }
+    return _BestTrial(
+        trial_id=_trial_id(result),
+        params={k: _plain(v) for k, v in (result.config or {}).items()},
+        checkpoint=Checkpoint(path),
+        history=[trainer.history_row(row) for row in result.metrics_dataframe.to_dict("records")],
+    )
 
 
 def _trial_id(result: Any) -> str:
@@ -260,11 +268,11 @@ def main(argv: list[str]) -> int:
         config_path,
         lambda: run(loader.load(config_path, TuneConfig), config_path, "--resume" in argv),
     )
-    registered = (outcome or {}).get("registered")
+    registered = outcome.registered if outcome else None
     if outcome and registered:
         print(
-            f"Registered {registered['model']} version {registered['version']} from trial "
-            f"{outcome['best_trial']} (test accuracy {outcome['test']['accuracy']:.4f})"
+            f"Registered {registered.model} version {registered.version} from trial "
+            f"{outcome.best_trial} (test accuracy {outcome.test.accuracy:.4f})"
         )
     return code
 

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import yaml
 
+from aiaas import progress
 from tests import support
 from tests.e2e.conftest import RunningCluster, aiaas_cli, mlflow_uri, storage_root, variant
 
@@ -250,9 +251,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
     text = log()
     assert record["status"] == "SUCCEEDED", text[-3000:]
     resumed = [
-        json.loads(line.split("aiaas-progress ", 1)[1])
-        for line in text.splitlines()
-        if '"resumed_from_epoch"' in line
+        event for event in progress.events(text.splitlines()) if "resumed_from_epoch" in event
     ]
     assert resumed and resumed[0]["resumed_from_epoch"] >= 3, (
         "it must resume, not restart at epoch 0"

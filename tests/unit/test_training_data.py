@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from jobs.train import _ShardInMemory
+from jobs.train_loop import ShardInMemory
 
 
 def _tensors(batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +33,7 @@ def split(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_workers_get_equal_disjoint_shares(split: Path, world: int) -> None:
-    shares = [_ShardInMemory.read_share(str(split), rank, world, _tensors) for rank in range(world)]
+    shares = [ShardInMemory.read_share(str(split), rank, world, _tensors) for rank in range(world)]
     sizes = {len(share.y) for share in shares}
     assert sizes == {30 // world}  # equal steps for DDP
     seen = torch.cat([share.x[:, 0] for share in shares]).long().tolist()
@@ -43,7 +43,7 @@ def test_workers_get_equal_disjoint_shares(split: Path, world: int) -> None:
 
 
 def test_each_epoch_reshuffles_every_row_once(split: Path) -> None:
-    share = _ShardInMemory.read_share(str(split), 0, 1, _tensors)
+    share = ShardInMemory.read_share(str(split), 0, 1, _tensors)
     epochs = [
         torch.cat([x[:, 0] for x, _ in share.shuffled(batch_size=8, seed=seed)]).long().tolist()
         for seed in (1, 2)
