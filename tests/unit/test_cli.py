@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from aiaas.cli.main import cli
+from aiaas_cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_help_imports_neither_torch_nor_ray() -> None:
     probe = (
         "import sys\n"
-        "from aiaas.cli.main import cli\n"
+        "from aiaas_cli.main import cli\n"
         "for args in (['--help'], ['cluster', '--help'], ['validate', '--help']):\n"
         "    try:\n"
         "        cli(args)\n"

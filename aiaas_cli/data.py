@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.dataset import DatasetConfig
+from aiaas_cli import console, target
 
 
 @click.group()

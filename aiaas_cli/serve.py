@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from aiaas.cli import console, target
+from aiaas_cli import console, target
 
 if TYPE_CHECKING:
     from aiaas.config.cluster import ClusterConfig

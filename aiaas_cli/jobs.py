@@ -9,9 +9,9 @@ from typing import Any
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
+from aiaas_cli import console, target
 
 
 @click.command()

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from aiaas.cli import console, target
+from aiaas_cli import console, target
 
 SHOWN_METRICS = ("test_accuracy", "test_loss")
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from aiaas import ray_auth
-from aiaas.cli import console, target
 from aiaas.config.cluster import ClusterConfig
+from aiaas_cli import console, target
 
 DEFAULT_CONFIG = target.DEFAULT_CLUSTER
 
@@ -188,7 +188,8 @@ def render(config_path: Path | None, target: str, output: Path | None) -> None:
 
 def _print_live_summary(config: ClusterConfig, path: Path) -> None:
     from aiaas import errors
-    from cluster import monitor, monitor_cli
+    from aiaas_cli import monitor as monitor_commands
+    from cluster import monitor
 
     try:
         summary = monitor.live_summary(config)
@@ -199,7 +200,7 @@ def _print_live_summary(config: ClusterConfig, path: Path) -> None:
         click.echo(f"\nLive summary: no Prometheus (start it: aiaas monitor up --cluster {path})")
         return
     click.echo(f"\nLive summary from {summary.prometheus_url}:", nl=False)
-    monitor_cli.print_summary(summary)
+    monitor_commands.print_summary(summary)
 
 
 def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str) -> None:

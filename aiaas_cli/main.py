@@ -15,15 +15,15 @@ import click
 
 #: name → ("module:attribute", one-line help shown by `aiaas --help` without importing it).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("aiaas.cli.validate:validate", "Validate config files of any kind."),
-    "cluster": ("cluster.cli:cluster", "Start, inspect, stop or render the Ray cluster."),
-    "data": ("aiaas.cli.data:data", "Prepare data sets as Parquet under the storage root."),
-    "train": ("jobs.cli:train", "Submit a training job (Ray Train) through Ray Jobs."),
-    "tune": ("jobs.cli:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
-    "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
-    "models": ("jobs.models_cli:models", "Registered models: list, show, promote, optimize."),
-    "serve": ("aiaas.cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
-    "monitor": ("cluster.monitor_cli:monitor", "Prometheus, alert rules and Grafana dashboards."),
+    "validate": ("aiaas_cli.validate:validate", "Validate config files of any kind."),
+    "cluster": ("aiaas_cli.cluster:cluster", "Start, inspect, stop or render the Ray cluster."),
+    "data": ("aiaas_cli.data:data", "Prepare data sets as Parquet under the storage root."),
+    "train": ("aiaas_cli.jobs:train", "Submit a training job (Ray Train) through Ray Jobs."),
+    "tune": ("aiaas_cli.jobs:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
+    "jobs": ("aiaas_cli.jobs:jobs_group", "List, inspect, follow and stop jobs."),
+    "models": ("aiaas_cli.models:models", "Registered models: list, show, promote, optimize."),
+    "serve": ("aiaas_cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
+    "monitor": ("aiaas_cli.monitor:monitor", "Prometheus, alert rules and Grafana dashboards."),
 }
 
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.config.monitoring import MonitoringConfig
+from aiaas_cli import console, target
 
 DEFAULT_MONITORING = Path("configs/monitoring/default.yaml")
 
