@@ -1,1 +1,2 @@
-"""The ``aiaas`` command: a thin click layer over plain functions."""
+"""The ``aiaas`` command: every command group, thin click commands over plain functions of
+``aiaas``, ``cluster``, ``jobs`` and ``serve_apps`` (the only package that imports them all)."""

@@ -1,8 +1,9 @@
 """The umbrella ``aiaas`` command.
 
 Subcommand groups are named by import string and imported only when used (click's LazyGroup
-pattern), so ``aiaas --help`` stays fast and never imports torch, and the ``aiaas`` library needs
-no import of ``cluster``/``jobs``/``serve_apps`` (they meet through these strings).
+pattern), so ``aiaas --help`` stays fast and imports neither torch nor Ray. Every group lives in
+this package; each command imports the ``cluster``/``jobs``/``aiaas`` functions it calls inside
+its body, so a group's own ``--help`` stays light too.
 """
 
 from __future__ import annotations
