@@ -23,6 +23,8 @@ from aiaas.model_ref import parse_ref as parse_ref
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from aiaas.config.cluster import ClusterConfig
+
 #: Tag keys of a version's lineage, shown by `aiaas models show`.
 LINEAGE_PREFIX = "aiaas."
 READY_TAG = f"{LINEAGE_PREFIX}ready"
@@ -123,6 +125,44 @@ def tracking_uri() -> str:
             "MLFLOW_TRACKING_URI.",
         )
     return uri
+
+
+def server_url(cluster: ClusterConfig) -> str:
+    """The cluster's MLflow registry URL, checked to answer; nothing else changes.
+
+    Raises:
+        ClusterError: MLflow is disabled in the cluster config or not answering.
+    """
+    import httpx
+
+    url = cluster.mlflow_url()
+    if url is None:
+        raise errors.ClusterError(
+            f"the cluster '{cluster.name}' has MLflow disabled, so it has no model registry",
+            "Set mlflow.enabled: true in the cluster config and run 'aiaas cluster up'.",
+        )
+    try:
+        healthy = httpx.get(f"{url}/health", timeout=5, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        healthy = False
+    if not healthy:
+        raise errors.ClusterError(
+            f"the model registry (MLflow) at {url} is not answering",
+            "Start the cluster (it starts MLflow): aiaas cluster up",
+        )
+    return url
+
+
+def use_server(url: str) -> None:
+    """Point this process's MLflow at the registry at ``url`` (``MLFLOW_TRACKING_URI``, which
+    :func:`tracking_uri` and MLflow's own ``models:/`` lookups read), failing fast.
+
+    Called explicitly by a command that talks to the registry in-process, never at import.
+    """
+    os.environ["MLFLOW_TRACKING_URI"] = url
+    # A command must fail fast, not retry a refused connection for minutes (MLflow's default).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def client(uri: str | None = None) -> MlflowClient:

@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 
 from aiaas import api_keys, errors, rate_limits
-from aiaas.cli.main import cli
 from aiaas.storage import Storage
+from aiaas_cli.main import cli
 from tests.support import REPO
 
 

@@ -9,27 +9,41 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from aiaas.cli.main import cli
+from aiaas_cli.main import cli
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_help_imports_neither_torch_nor_ray() -> None:
+    # Every group's and every command's --help: the whole CLI package stays light.
     probe = (
         "import sys\n"
-        "from aiaas.cli.main import cli\n"
-        "for args in (['--help'], ['cluster', '--help'], ['validate', '--help']):\n"
+        "import click\n"
+        "from aiaas_cli.main import cli\n"
+        "def walk(path, command):\n"
         "    try:\n"
-        "        cli(args)\n"
+        "        cli([*path, '--help'])\n"
         "    except SystemExit:\n"
         "        pass\n"
-        "print(sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))\n"
+        "    if isinstance(command, click.Group):\n"
+        "        ctx = click.Context(command)\n"
+        "        for name in command.list_commands(ctx):\n"
+        "            walk([*path, name], command.get_command(ctx, name))\n"
+        "try:\n"
+        "    cli(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('top:', sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))\n"
+        "walk([], cli)\n"
+        "print('all:', sorted(m for m in ('torch', 'ray', 'pandas') if m in sys.modules))\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=REPO
     )
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    lines = result.stdout.splitlines()
+    assert "top: []" in lines and lines[-1] == "all: []"
     assert "cluster   Start, inspect, stop or render the Ray cluster." in result.stdout
+    assert "Usage: -c models optimize [OPTIONS] NAME:VERSION|NAME@ALIAS" in result.stdout
 
 
 def test_validate_ok_and_exit_codes(tmp_path: Path) -> None:

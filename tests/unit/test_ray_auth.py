@@ -112,7 +112,7 @@ def test_auth_settings_in_env_are_refused(tmp_path: Path) -> None:
 def test_cluster_env_prints_the_line_for_rays_own_clis(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from aiaas.cli.main import cli
+    from aiaas_cli.main import cli
 
     path = support.write_cluster_config(tmp_path, "auth", 0)
     result = CliRunner().invoke(cli, ["cluster", "env", str(path)])

@@ -9,9 +9,9 @@ import yaml
 from click.testing import CliRunner
 
 from aiaas import errors
-from aiaas.cli.main import cli
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
+from aiaas_cli.main import cli
 from cluster import render
 
 LOCAL = Path(__file__).resolve().parents[2] / "configs" / "cluster" / "local.yaml"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.dataset import DatasetConfig
+from aiaas_cli import console, flags, target
 
 
 @click.group()
@@ -17,9 +17,9 @@ def data() -> None:
 
 
 @data.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
-@target.cluster_option
-@click.option("--dry-run", is_flag=True, help="Validate and say where it would write.")
+@flags.config_argument
+@flags.cluster_option
+@flags.dry_run_option("Validate and say where it would write.")
 @console.user_errors
 def prepare(config_path: Path, cluster_path: Path, dry_run: bool) -> None:
     """Write the splits as partitioned Parquet with a schema and a content fingerprint."""

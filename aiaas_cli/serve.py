@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
-from aiaas.cli import console, target
+from aiaas_cli import console, flags, target
 
 if TYPE_CHECKING:
     from aiaas.config.cluster import ClusterConfig
-
-DEFAULT_KEYS_FILE = "serve/api_keys.json"
 
 
 @click.group("serve")
@@ -23,10 +20,10 @@ def serve() -> None:
 
 
 @serve.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
-@target.cluster_option
+@flags.config_argument
+@flags.cluster_option
 @click.option("--timeout", "timeout_s", default=300.0, show_default=True, help="Seconds to wait.")
-@click.option("--dry-run", is_flag=True, help="Validate and resolve versions; deploy nothing.")
+@flags.dry_run_option("Validate and resolve versions; deploy nothing.")
 @console.user_errors
 def deploy(config_path: Path, cluster_path: Path, timeout_s: float, dry_run: bool) -> None:
     """Validate a Serve config (Serve's schema + each app's Args), deploy it, wait until healthy.
@@ -36,7 +33,7 @@ def deploy(config_path: Path, cluster_path: Path, timeout_s: float, dry_run: boo
     from aiaas import serving
 
     cluster = target.load_cluster(cluster_path)
-    target.registry_uri(cluster)
+    target.use_registry(cluster)  # the registry is read (and aliases moved) in this process
     names = serving.deploy(cluster, config_path, timeout_s=timeout_s, dry_run=dry_run)
     if dry_run:
         click.echo(f"{config_path}: checks passed; would deploy {', '.join(names)}")
@@ -47,7 +44,7 @@ def deploy(config_path: Path, cluster_path: Path, timeout_s: float, dry_run: boo
 
 
 @serve.command()
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def status(cluster_path: Path) -> None:
     """Apps, their status and replicas, and the version each model serves."""
@@ -56,21 +53,21 @@ def status(cluster_path: Path) -> None:
 
 @serve.command()
 @click.argument("app")
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def rollback(app: str, cluster_path: Path) -> None:
     """Switch APP back to the versions it served before (its aliases move back too)."""
     from aiaas import serving
 
     cluster = target.load_cluster(cluster_path)
-    target.registry_uri(cluster)
+    target.use_registry(cluster)  # the registry is read (and aliases moved) in this process
     for line in serving.rollback(cluster, app):
         click.echo(f"{app}: {line}")
 
 
 @serve.command()
 @click.argument("app")
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def delete(app: str, cluster_path: Path) -> None:
     """Delete APP; other apps keep running."""
@@ -85,21 +82,11 @@ def keys() -> None:
     """API keys of model-server apps (stored hashed under the storage root)."""
 
 
-def _keys_file(func: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option(
-        "--file",
-        "keys_file",
-        default=DEFAULT_KEYS_FILE,
-        show_default=True,
-        help="Key file under the storage root (the app's api_keys_file).",
-    )(func)
-
-
 @keys.command("create")
 @click.argument("key_id", metavar="NAME")
 @click.option("--rate-limit", type=float, help="Requests per second for this key (429 above).")
-@_keys_file
-@target.cluster_option
+@flags.keys_file_option
+@flags.cluster_option
 @console.user_errors
 def create_key(key_id: str, rate_limit: float | None, keys_file: str, cluster_path: Path) -> None:
     """Create a key; it is printed once and only its hash is stored.
@@ -122,8 +109,8 @@ def create_key(key_id: str, rate_limit: float | None, keys_file: str, cluster_pa
 
 @keys.command("revoke")
 @click.argument("key_id", metavar="NAME")
-@_keys_file
-@target.cluster_option
+@flags.keys_file_option
+@flags.cluster_option
 @console.user_errors
 def revoke_key(key_id: str, keys_file: str, cluster_path: Path) -> None:
     """Revoke a key (replicas stop accepting it within seconds)."""
@@ -136,8 +123,8 @@ def revoke_key(key_id: str, keys_file: str, cluster_path: Path) -> None:
 
 
 @keys.command("list")
-@_keys_file
-@target.cluster_option
+@flags.keys_file_option
+@flags.cluster_option
 @console.user_errors
 def list_keys(keys_file: str, cluster_path: Path) -> None:
     """Key names, limits and state (never the keys)."""

@@ -7,18 +7,12 @@ from pathlib import Path
 import click
 
 from aiaas import ray_auth
-from aiaas.cli import console, target
 from aiaas.config.cluster import ClusterConfig
-
-DEFAULT_CONFIG = target.DEFAULT_CLUSTER
-
-_config_argument = click.argument(
-    "config_path", metavar="[CONFIG]", required=False, type=click.Path(path_type=Path)
-)
+from aiaas_cli import console, flags, target
 
 
 def _load(config_path: Path | None) -> tuple[ClusterConfig, Path]:
-    path = config_path or DEFAULT_CONFIG
+    path = config_path or flags.DEFAULT_CLUSTER
     return target.load_cluster(path), path
 
 
@@ -31,8 +25,8 @@ def cluster() -> None:
 
 
 @cluster.command()
-@_config_argument
-@click.option("--dry-run", is_flag=True, help="Validate and show the nodes; start nothing.")
+@flags.cluster_config_argument
+@flags.dry_run_option("Validate and show the nodes; start nothing.")
 @console.user_errors
 def up(config_path: Path | None, dry_run: bool) -> None:
     """Start the head and worker nodes; report the cluster if it already runs."""
@@ -80,7 +74,7 @@ def up(config_path: Path | None, dry_run: bool) -> None:
 
 
 @cluster.command()
-@_config_argument
+@flags.cluster_config_argument
 @console.user_errors
 def status(config_path: Path | None) -> None:
     """Show nodes, resources, running jobs and Serve apps."""
@@ -136,7 +130,7 @@ def status(config_path: Path | None) -> None:
 
 
 @cluster.command()
-@_config_argument
+@flags.cluster_config_argument
 @console.user_errors
 def down(config_path: Path | None) -> None:
     """Stop exactly the processes 'up' started, and nothing else."""
@@ -156,7 +150,7 @@ def down(config_path: Path | None) -> None:
 
 
 @cluster.command()
-@_config_argument
+@flags.cluster_config_argument
 @click.option(
     "--target",
     type=click.Choice(["ray-up", "kuberay"]),
@@ -188,7 +182,8 @@ def render(config_path: Path | None, target: str, output: Path | None) -> None:
 
 def _print_live_summary(config: ClusterConfig, path: Path) -> None:
     from aiaas import errors
-    from cluster import monitor, monitor_cli
+    from aiaas_cli import monitor as monitor_commands
+    from cluster import monitor
 
     try:
         summary = monitor.live_summary(config)
@@ -199,7 +194,7 @@ def _print_live_summary(config: ClusterConfig, path: Path) -> None:
         click.echo(f"\nLive summary: no Prometheus (start it: aiaas monitor up --cluster {path})")
         return
     click.echo(f"\nLive summary from {summary.prometheus_url}:", nl=False)
-    monitor_cli.print_summary(summary)
+    monitor_commands.print_summary(summary)
 
 
 def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str) -> None:
@@ -218,7 +213,7 @@ def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str
 
 
 @cluster.command()
-@_config_argument
+@flags.cluster_config_argument
 @console.user_errors
 def env(config_path: Path | None) -> None:
     """Print the shell line that points Ray's own CLIs at this cluster's token.

@@ -9,22 +9,23 @@ from typing import Any
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.train import TrainConfig
+from aiaas_cli import console, flags, submission, target
+
+#: What to run next after a submission that is not followed.
+_NEXT = ("aiaas jobs status {id}", "aiaas jobs logs {id} --follow")
 
 
 @click.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
-@target.cluster_option
-@click.option(
-    "--follow", is_flag=True, help="Show live progress (epoch, loss, accuracy) until it ends."
-)
-@click.option("--dry-run", is_flag=True, help="Run every check; submit nothing.")
+@flags.config_argument
+@flags.cluster_option
+@flags.follow_option("Show live progress (epoch, loss, accuracy) until it ends.")
+@flags.dry_run_option("Run every check; submit nothing.")
 @console.user_errors
 def train(config_path: Path, cluster_path: Path, follow: bool, dry_run: bool) -> None:
     """Submit a training job (python -m jobs.train CONFIG) through the Ray Jobs API."""
-    from jobs import preflight, submit
+    from jobs import preflight
 
     config = loader.load(config_path, TrainConfig)
     cluster = target.load_cluster(cluster_path)
@@ -32,37 +33,32 @@ def train(config_path: Path, cluster_path: Path, follow: bool, dry_run: bool) ->
     if dry_run:
         click.echo(f"{config_path}: checks passed; would submit python -m jobs.train {config_path}")
         return
-    record = submit.submit("train", config_path, config, cluster)
-    click.echo(f"Submitted {record.submission_id} to {record.address}")
-    if not follow:
-        console.next_steps(
-            [
-                f"aiaas jobs status {record.submission_id}",
-                f"aiaas jobs logs {record.submission_id} --follow",
-            ]
-        )
-        return
-    final = submit.follow(cluster, record.submission_id, _progress_printer())
-    _print_outcome(final)
-    if final.status != "SUCCEEDED":
-        console.fail(f"job {final.submission_id} {final.status}: {_reason(final)}")
+    submission.submit_and_report(
+        "train",
+        config_path,
+        config,
+        cluster,
+        follow=follow,
+        next_steps=_NEXT,
+        report=submission.print_outcome,
+    )
 
 
 @click.command()
-@click.argument("config_path", metavar="CONFIG", type=click.Path(path_type=Path))
-@target.cluster_option
-@click.option("--follow", is_flag=True, help="Show trials' progress and the results table.")
+@flags.config_argument
+@flags.cluster_option
+@flags.follow_option("Show trials' progress and the results table.")
 @click.option(
     "--resume",
     is_flag=True,
     help="Continue the tune run of this name; finished trials are not run again.",
 )
-@click.option("--dry-run", is_flag=True, help="Run every check; submit nothing.")
+@flags.dry_run_option("Run every check; submit nothing.")
 @console.user_errors
 def tune(config_path: Path, cluster_path: Path, follow: bool, resume: bool, dry_run: bool) -> None:
     """Submit a hyperparameter search (python -m jobs.tune CONFIG) through the Ray Jobs API."""
     from aiaas.config.tune import TuneConfig
-    from jobs import preflight, submit
+    from jobs import preflight
 
     config = loader.load(config_path, TuneConfig)
     cluster = target.load_cluster(cluster_path)
@@ -75,21 +71,21 @@ def tune(config_path: Path, cluster_path: Path, follow: bool, resume: bool, dry_
             "at a time)"
         )
         return
-    record = submit.submit("tune", config_path, config, cluster, extra)
-    click.echo(f"Submitted {record.submission_id} to {record.address}")
-    if not follow:
-        console.next_steps(
-            [
-                f"aiaas jobs status {record.submission_id}",
-                f"aiaas jobs logs {record.submission_id} --follow",
-            ]
-        )
-        return
-    final = submit.follow(cluster, record.submission_id, _progress_printer())
-    _print_trials((final.result or {}).get("trials") or [])
-    _print_outcome(final)
-    if final.status != "SUCCEEDED":
-        console.fail(f"job {final.submission_id} {final.status}: {_reason(final)}")
+    submission.submit_and_report(
+        "tune",
+        config_path,
+        config,
+        cluster,
+        extra_args=extra,
+        follow=follow,
+        next_steps=_NEXT,
+        report=_print_tune_outcome,
+    )
+
+
+def _print_tune_outcome(record: Any) -> None:
+    _print_trials((record.result or {}).get("trials") or [])
+    submission.print_outcome(record)
 
 
 def _print_trials(rows: list[dict[str, Any]]) -> None:
@@ -114,7 +110,7 @@ def jobs_group() -> None:
 
 
 @jobs_group.command("list")
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def list_jobs(cluster_path: Path) -> None:
     """Every recorded job, newest first."""
@@ -133,14 +129,14 @@ def list_jobs(cluster_path: Path) -> None:
         when = datetime.datetime.fromtimestamp(record.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(
             f"{record.submission_id:<52} {record.kind:<6} {fresh.status:<10} {when:<19} "
-            f"{_summary(record.result)}"
+            f"{submission.summary(record.result)}"
         )
 
 
 @jobs_group.command()
 @click.argument("submission_id", metavar="ID")
-@target.cluster_option
-@click.option("--json", "as_json", is_flag=True, help="Print the whole record as JSON.")
+@flags.cluster_option
+@flags.json_option("Print the whole record as JSON.")
 @console.user_errors
 def status(submission_id: str, cluster_path: Path, as_json: bool) -> None:
     """Status, metrics and registered version of one job."""
@@ -154,15 +150,15 @@ def status(submission_id: str, cluster_path: Path, as_json: bool) -> None:
     click.echo(f"  entrypoint: {record.entrypoint}")
     click.echo(f"  config:     {record.config_path} (hash {record.config_hash})")
     if record.result:
-        click.echo(f"  result:     {_summary(record.result)}")
+        click.echo(f"  result:     {submission.summary(record.result)}")
     if record.status == "FAILED":
-        click.echo(f"  reason:     {_reason(record)}")
+        click.echo(f"  reason:     {submission.reason(record)}")
 
 
 @jobs_group.command()
 @click.argument("submission_id", metavar="ID")
-@target.cluster_option
-@click.option("--follow", is_flag=True, help="Stream new lines until the job ends.")
+@flags.cluster_option
+@flags.follow_option("Stream new lines until the job ends.")
 @console.user_errors
 def logs(submission_id: str, cluster_path: Path, follow: bool) -> None:
     """The job's log (from Ray while the cluster runs, else the stored tail)."""
@@ -181,7 +177,7 @@ def logs(submission_id: str, cluster_path: Path, follow: bool) -> None:
 
 @jobs_group.command()
 @click.argument("submission_id", metavar="ID")
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def stop(submission_id: str, cluster_path: Path) -> None:
     """Stop a running job; its checkpoints are kept and nothing is registered."""
@@ -189,62 +185,3 @@ def stop(submission_id: str, cluster_path: Path) -> None:
 
     record = submit.stop(target.load_cluster(cluster_path), submission_id)
     click.echo(f"{record.submission_id}: {record.status}")
-
-
-def _progress_printer() -> Any:
-    from jobs import submit
-
-    seen: set[str] = set()
-
-    def on_line(line: str) -> None:
-        for event in submit.progress([line]):
-            # Ray Train forwards a worker's print both as log and as output: show it once.
-            key = json.dumps(event, sort_keys=True)
-            if key in seen:
-                continue
-            seen.add(key)
-            if "epoch" in event:
-                click.echo(
-                    f"  epoch {int(event['epoch']) + 1:>3}  train_loss {event['train_loss']:.4f}  "
-                    f"val_loss {event['val_loss']:.4f}  val_accuracy {event['val_accuracy']:.4f}  "
-                    f"{event['samples_per_s']:.0f} samples/s"
-                )
-            elif "resumed_from_epoch" in event:
-                click.echo(
-                    f"  resumed from the checkpoint of epoch {event['resumed_from_epoch'] + 1}"
-                )
-            elif "test" in event:
-                click.echo(f"  test: {json.dumps(event['test'])}")
-        if line.startswith(("Error:", "Registered ", "Already registered as ")):
-            click.echo(f"  {line}")
-
-    return on_line
-
-
-def _print_outcome(record: Any) -> None:
-    click.echo(f"{record.submission_id}: {record.status}")
-    if record.result:
-        click.echo(f"  {_summary(record.result)}")
-
-
-def _summary(result: dict[str, Any] | None) -> str:
-    if not result:
-        return ""
-    parts = []
-    if "test" in result:
-        parts.append(f"test accuracy {result['test']['accuracy']:.4f}")
-    if "registered" in result:
-        parts.append(
-            f"registered {result['registered']['model']} v{result['registered']['version']}"
-        )
-    elif "gate" in result:
-        parts.append(f"gate {result['gate']}")
-    if "error" in result and "gate" not in result:
-        parts.append(result["error"].splitlines()[0][:120])
-    return "; ".join(parts)
-
-
-def _reason(record: Any) -> str:
-    if record.result and "error" in record.result:
-        return str(record.result["error"])
-    return str(record.message or "see aiaas jobs logs")

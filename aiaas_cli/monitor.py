@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from aiaas.cli import console, target
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
 from aiaas.config.monitoring import MonitoringConfig
+from aiaas_cli import console, flags, target
 
-DEFAULT_MONITORING = Path("configs/monitoring/default.yaml")
-
-_monitoring_option = click.option(
-    "--config",
-    "monitoring_path",
-    type=click.Path(path_type=Path),
-    default=DEFAULT_MONITORING,
-    show_default=True,
-    help="Monitoring config: scrape interval, alert thresholds, dashboards.",
-)
+if TYPE_CHECKING:
+    from cluster.monitor import LiveSummary
 
 
 def _load(cluster_path: Path, monitoring_path: Path) -> tuple[ClusterConfig, MonitoringConfig]:
@@ -33,9 +26,9 @@ def monitor() -> None:
 
 
 @monitor.command()
-@_monitoring_option
-@target.cluster_option
-@click.option("--dry-run", is_flag=True, help="Print the alert rules; start nothing.")
+@flags.monitoring_option
+@flags.cluster_option
+@flags.dry_run_option("Print the alert rules; start nothing.")
 @console.user_errors
 def up(monitoring_path: Path, cluster_path: Path, dry_run: bool) -> None:
     """Start Prometheus (127.0.0.1) and the cluster exporter; re-run to apply a changed config."""
@@ -66,7 +59,7 @@ def up(monitoring_path: Path, cluster_path: Path, dry_run: bool) -> None:
 
 
 @monitor.command()
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def down(cluster_path: Path) -> None:
     """Stop Prometheus and the cluster exporter (the cluster keeps running)."""
@@ -78,7 +71,7 @@ def down(cluster_path: Path) -> None:
 
 
 @monitor.command()
-@target.cluster_option
+@flags.cluster_option
 @console.user_errors
 def status(cluster_path: Path) -> None:
     """Scrape targets, firing alerts and the live serving summary."""
@@ -100,11 +93,8 @@ def status(cluster_path: Path) -> None:
     print_summary(summary)
 
 
-def print_summary(summary: object) -> None:
+def print_summary(summary: LiveSummary) -> None:
     """The live part shared with ``aiaas cluster status``."""
-    from cluster.monitor import LiveSummary
-
-    assert isinstance(summary, LiveSummary)
 
     def ms(value: float | None) -> str:
         return "-" if value is None else f"{value:.1f}"
@@ -126,8 +116,8 @@ def print_summary(summary: object) -> None:
 
 
 @monitor.command()
-@_monitoring_option
-@target.cluster_option
+@flags.monitoring_option
+@flags.cluster_option
 @click.option(
     "--grafana-url",
     help="Grafana to provision through its HTTP API (default: the cluster config's grafana.url)."
@@ -139,7 +129,7 @@ def print_summary(summary: object) -> None:
     type=click.Path(path_type=Path),
     help="Also write the dashboards and Grafana provisioning files under this directory.",
 )
-@click.option("--dry-run", is_flag=True, help="List the dashboards; send and write nothing.")
+@flags.dry_run_option("List the dashboards; send and write nothing.")
 @console.user_errors
 def dashboards(
     monitoring_path: Path,

@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from aiaas import errors
-from aiaas.cli import console
 from aiaas.config import loader
+from aiaas_cli import console
 
 
 @click.command()

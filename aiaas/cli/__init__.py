@@ -1,1 +1,0 @@
-"""The ``aiaas`` command: a thin click layer over plain functions."""
