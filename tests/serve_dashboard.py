@@ -12,13 +12,12 @@ fails to load in place (the old one keeps serving, ``failed_version`` says why);
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from aiaas.serving import apps, pins
+from tests import http_double
 
 
 @dataclass
@@ -34,26 +33,12 @@ class ServeDouble:
     states: dict[str, tuple[str, str]] = field(default_factory=dict)  # app → status, message
 
     def __post_init__(self) -> None:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                double._handle(self, "GET")
-
-            def do_PUT(self) -> None:
-                double._handle(self, "PUT")
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = http_double.JsonServer(self._handle)
+        self.port = self._http.port
+        self.url = self._http.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._http.close()
 
     def apply(self, config: dict[str, Any]) -> None:
         """What Serve does with a config: apps left out go, pinned versions load (or not)."""
@@ -124,24 +109,23 @@ class ServeDouble:
         path = handler.path.split("?")[0]
         auth = handler.headers.get("Authorization")
         if self.token and auth != f"Bearer {self.token}":
-            return self._send(handler, 401, {"error": "no token"})
+            return http_double.send(handler, 401, {"error": "no token"})
         if path == "/api/version":
-            return self._send(handler, 200, {"ray_version": "2.60.0"})
+            return http_double.send(handler, 200, {"ray_version": "2.60.0"})
         if path == "/api/serve/applications/" and method == "GET":
-            return self._send(handler, 200, self.details())
+            return http_double.send(handler, 200, self.details())
         if path == "/api/serve/applications/" and method == "PUT":
             from pydantic import ValidationError
             from ray.serve.schema import ServeDeploySchema
 
-            length = int(handler.headers.get("Content-Length") or 0)
-            body = json.loads(handler.rfile.read(length))
+            body = http_double.read_json(handler)
             try:
                 ServeDeploySchema.model_validate(body)
             except ValidationError as exc:
-                return self._send(handler, 400, {"error": str(exc)})
+                return http_double.send(handler, 400, {"error": str(exc)})
             self.puts.append(body)
             self.apply(body)
-            return self._send(handler, 200, {})
+            return http_double.send(handler, 200, {})
         self.status_asks.append((path, auth))
         return self._model_status(handler, path)
 
@@ -164,13 +148,5 @@ class ServeDouble:
             }
             if key in self.failed:
                 answer["failed_version"] = self.failed[key]
-            return self._send(handler, 200, answer)
-        return self._send(handler, 404, {"error": f"no route {path}"})
-
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+            return http_double.send(handler, 200, answer)
+        return http_double.send(handler, 404, {"error": f"no route {path}"})
