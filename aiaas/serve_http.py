@@ -1,5 +1,6 @@
-"""What every aiaas Serve app shares on the HTTP side: the served-model entry of its ``Args``,
-JSON errors with the status codes of PRODUCT.md §5, and bounded body reading.
+"""What every aiaas Serve app shares on the HTTP side: the versions it serves (read through the
+pin contract, :mod:`aiaas.serving.pins`), JSON errors with the status codes of PRODUCT.md §5,
+and bounded body reading.
 
 Kept in the library (not in a Serve app module): methods of a Serve ingress class travel to the
 replicas by value, and helpers they call must be importable there.
@@ -8,7 +9,6 @@ replicas by value, and helpers they call must be importable there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import Callable
@@ -17,13 +17,13 @@ from typing import Any, Generic, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.exceptions import RayServeException
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from aiaas import api_keys, errors, registry
+from aiaas.serving import apps, pins
 
 T = TypeVar("T")
 logger = logging.getLogger("ray.serve")
@@ -41,17 +41,6 @@ _TYPES = {
     503: "server_error",
     504: "server_error",
 }
-
-
-class ServedModel(BaseModel):
-    """One model of an app: the name clients use and the registered version behind it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$", description="name clients use, e.g. 'digits'"
-    )
-    model: str = Field(description="NAME@ALIAS (follows promotions) or NAME:VERSION (pinned)")
 
 
 class ApiError(Exception):
@@ -243,17 +232,6 @@ def replica_user_config() -> dict[str, Any] | None:
     return user_config if isinstance(user_config, dict) else None
 
 
-def pins(user_config: dict[str, Any] | None) -> dict[str, str]:
-    """The versions a deployment's ``user_config`` pins, by served name."""
-    return {str(k): str(v) for k, v in (user_config or {}).get("versions", {}).items()}
-
-
-def pin_records(user_config: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
-    """What the deployer recorded of each pinned version (:meth:`registry.Version.pin`)."""
-    found = (user_config or {}).get("version_records", {})
-    return {str(k): v for k, v in found.items() if isinstance(v, dict)}
-
-
 class Slots(Generic[T]):
     """The versions one replica serves, by served name, and how they are switched.
 
@@ -265,7 +243,7 @@ class Slots(Generic[T]):
 
     def __init__(
         self,
-        served: list[ServedModel],
+        served: list[apps.ServedModel],
         load: Callable[[registry.Version], T],
         user_config: dict[str, Any] | None = None,
     ) -> None:
@@ -273,10 +251,9 @@ class Slots(Generic[T]):
         self._load = load
         # A replica started while an alias is being moved must load what the deployment pins,
         # not what the alias names at that moment (a version that may yet fail and be undone).
-        pinned = pins(user_config)
-        self._pinned_records = pin_records(user_config)
+        self._pins = pins.Pins.read(user_config)
         self.loaded: dict[str, T] = {
-            name: load(self._version(name, pinned.get(name))) for name in self.entries
+            name: load(self._version(name, self._pins.versions.get(name))) for name in self.entries
         }
         self.failed: dict[str, dict[str, str]] = {}
 
@@ -294,8 +271,8 @@ class Slots(Generic[T]):
 
     async def apply(self, user_config: dict[str, Any] | None) -> None:
         """Serve the versions ``user_config`` pins (Serve's ``reconfigure``)."""
-        self._pinned_records = pin_records(user_config)
-        for name, version in pins(user_config).items():
+        self._pins = pins.Pins.read(user_config)
+        for name, version in self._pins.versions.items():
             current = self.loaded.get(name)
             if name not in self.entries or (
                 current is not None and getattr(current, "version", None) == version
@@ -323,9 +300,7 @@ class Slots(Generic[T]):
         when it has one (a new replica then starts without the registry, and without importing
         MLflow: ~1 s of a scale-out on a loaded machine), else as the registry resolves it."""
         ref = self.entries[name]
-        record = self._pinned_records.get(name, {})
-        recorded = (record.get("model"), record.get("version"))
-        if version is not None and recorded == (ref.name, version):
-            with contextlib.suppress(KeyError):
-                return registry.Version.from_pin(record)
+        recorded = self._pins.recorded(name, ref.name, version)
+        if recorded is not None:
+            return recorded
         return registry.resolve(registry.ModelRef(ref.name, version=version) if version else ref)

@@ -26,40 +26,18 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from aiaas import api_keys, artifacts, registry, serve_http
 from aiaas import metrics as aiaas_metrics
+from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
 
-class Args(BaseModel):
-    """The app's arguments (the ``args:`` of its entry in a Serve config file)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: list[serve_http.ServedModel] = Field(
-        min_length=1, description="embedding models served; 'name' is the request's 'model'"
-    )
-    max_batch_size: int = Field(64, ge=1, le=1024, description="texts per batched forward pass")
-    batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=1, description="longest wait for a batch to fill"
-    )
-    max_inputs: int = Field(256, ge=1, description="texts per request (more: 413)")
-    max_payload_bytes: int = Field(2_097_152, ge=1024, description="request body limit (413)")
-    max_pending: int = Field(
-        256, ge=1, description="requests waiting in one replica before it answers 503"
-    )
-    request_timeout_s: float = Field(
-        30.0, gt=0, description="per-request limit, body included (408 reading, 504 answering)"
-    )
-    api_keys_file: str | None = Field(
-        None, description="key file under the storage root; when set, calls need a Bearer key"
-    )
-    threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
+#: The app's arguments (the ``args:`` of its entry in a Serve config file), owned by the library.
+Args = serving_apps.EmbeddingsArgs
 
 
 @dataclass
@@ -75,7 +53,7 @@ app = FastAPI(title="aiaas embeddings", docs_url=None, redoc_url=None)
 serve_http.install_error_handlers(app)
 
 
-@serve.deployment(name="Embeddings", max_ongoing_requests=64)
+@serve.deployment(name=serving_apps.EMBEDDINGS.deployment, max_ongoing_requests=64)
 @serve.ingress(app)
 class Embeddings:
     """Serves the embedding models of :class:`Args`, batching texts across requests."""

@@ -24,40 +24,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from aiaas import api_keys, artifacts, registry, serve_http
 from aiaas import metrics as aiaas_metrics
+from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
 
-class Args(BaseModel):
-    """The app's arguments (the ``args:`` of its entry in a Serve config file)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    models: list[serve_http.ServedModel] = Field(min_length=1, description="the models served")
-    max_batch_size: int = Field(32, ge=1, le=1024, description="rows of requests per batch")
-    batch_wait_timeout_s: float = Field(
-        0.002, ge=0, le=1, description="longest wait for a batch to fill"
-    )
-    max_instances: int = Field(1024, ge=1, description="instances per request (more: 413)")
-    max_payload_bytes: int = Field(1_048_576, ge=1024, description="request body limit (413)")
-    max_pending: int = Field(
-        256, ge=1, description="requests waiting in one replica before it answers 503"
-    )
-    request_timeout_s: float = Field(10.0, gt=0, description="per-request limit (504)")
-    api_keys_file: str | None = Field(
-        None,
-        description="key file under the storage root (aiaas serve keys create); when set, "
-        "every predict call needs 'Authorization: Bearer <key>'",
-    )
-    threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
+#: The app's arguments (the ``args:`` of its entry in a Serve config file), owned by the library.
+Args = serving_apps.ModelServerArgs
 
 
 @dataclass
@@ -74,7 +54,9 @@ class Loaded:
 # throughput here. Off by default; `logging_config: {enable_access_log: true}` in the
 # deployment's entry of the Serve config turns it on.
 @serve.deployment(
-    name="ModelServer", max_ongoing_requests=64, logging_config={"enable_access_log": False}
+    name=serving_apps.MODEL_SERVER.deployment,
+    max_ongoing_requests=64,
+    logging_config={"enable_access_log": False},
 )
 class ModelServer:
     """Serves every model of :class:`Args` from one replica, with batching across requests.

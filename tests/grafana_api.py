@@ -9,11 +9,11 @@ Every request is recorded so tests can check what was sent, and how often.
 
 from __future__ import annotations
 
-import json
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
+
+from tests import http_double
 
 
 @dataclass
@@ -26,47 +26,24 @@ class GrafanaDouble:
     problems: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        double = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                double._handle(self, "GET")
-
-            def do_POST(self) -> None:
-                double._handle(self, "POST")
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-        self._thread.start()
+        self._http = http_double.JsonServer(self._handle)
+        self.port = self._http.port
+        self.url = self._http.url
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._http.close()
 
     def calls(self, method: str, path: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == method and p == path)
 
     def _handle(self, handler: BaseHTTPRequestHandler, method: str) -> None:
-        length = int(handler.headers.get("Content-Length") or 0)
-        body = json.loads(handler.rfile.read(length)) if length else None
+        body = http_double.read_json(handler)
         path = handler.path.split("?")[0]
         self.requests.append((method, path, body))
         if handler.headers.get("Authorization") != f"Bearer {self.token}":
-            return self._send(handler, 401, {"message": "Unauthorized"})
+            return http_double.send(handler, 401, {"message": "Unauthorized"})
         status, answer = self._route(method, path, body)
-        self._send(handler, status, answer)
-
-    def _send(self, handler: BaseHTTPRequestHandler, status: int, body: Any) -> None:
-        data = json.dumps(body).encode()
-        handler.send_response(status)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(len(data)))
-        handler.end_headers()
-        handler.wfile.write(data)
+        http_double.send(handler, status, answer)
 
     def _route(self, method: str, path: str, body: Any) -> tuple[int, Any]:
         parts = path.strip("/").split("/")

@@ -12,12 +12,15 @@ import importlib
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from aiaas import errors
+
+if TYPE_CHECKING:
+    from ray.serve.schema import ServeDeploySchema
 
 #: kind → "module:Class". Loaded lazily so validating one kind never imports another's deps.
 KINDS: dict[str, str] = {
@@ -121,6 +124,20 @@ def check(path: str | Path) -> str:
     return str(data["kind"])
 
 
+def load_serve(path: str | Path) -> ServeDeploySchema:
+    """Load a Ray Serve config file: Serve's own schema, then each of our apps' ``Args``.
+
+    Returns:
+        The validated schema (imports Ray).
+
+    Raises:
+        ConfigError: Every problem in the file.
+    """
+    path = Path(path)
+    data, node = read_mapping(path)
+    return _check_serve(path, data, node)
+
+
 def model_for_kind(path: Path, kind: str) -> type[BaseModel]:
     """The schema class of a kind, imported on first use."""
     if kind not in KINDS:
@@ -164,23 +181,23 @@ def _kind_of(path: Path, data: dict[str, Any]) -> str:
     return kind
 
 
-def _check_serve(path: Path, data: dict[str, Any], node: yaml.Node | None) -> None:
+def _check_serve(path: Path, data: dict[str, Any], node: yaml.Node | None) -> ServeDeploySchema:
     # Serve's own schema, so a file that passes here is one `serve deploy` accepts; then each
     # app's `args` against the app's own `Args` model, which Serve would only check on the
     # cluster, after the deploy was accepted.
     from ray.serve.schema import ServeDeploySchema
 
     try:
-        ServeDeploySchema.model_validate(data)
+        schema = ServeDeploySchema.model_validate(data)
     except ValidationError as exc:
         raise errors.ConfigError(format_problems(path, "Ray Serve", exc, None, node)) from None
     lines = []
-    for index, app in enumerate(data.get("applications") or []):
-        args_model = app_args_model(str(app.get("import_path", "")))
+    for index, app in enumerate(schema.applications):
+        args_model = app_args_model(app.import_path)
         if args_model is None:
             continue
         try:
-            args_model.model_validate(app.get("args") or {})
+            args_model.model_validate(app.args or {})
         except ValidationError as exc:
             for error in exc.errors(include_url=False):
                 loc = ("applications", index, "args", *error["loc"])
@@ -193,21 +210,16 @@ def _check_serve(path: Path, data: dict[str, Any], node: yaml.Node | None) -> No
             f"{path}: not a valid Ray Serve config ({count} problem{'s' if count != 1 else ''}):"
         )
         raise errors.ConfigError("\n".join([header, *lines]))
+    return schema
 
 
 def app_args_model(import_path: str) -> type[BaseModel] | None:
-    """The ``Args`` model of one of our Serve apps (``serve_apps.x:build_app``), else None."""
-    module_name = import_path.replace(":", ".").rsplit(".", 1)[0]
-    if not module_name.startswith("serve_apps."):
-        return None
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return None  # Serve reports an unknown import path itself, on deploy
-    args_model = getattr(module, "Args", None)
-    if isinstance(args_model, type) and issubclass(args_model, BaseModel):
-        return args_model
-    return None
+    """The ``Args`` model of one of our Serve apps (``serve_apps.x:build_app``), else None
+    (Serve reports an unknown import path itself, on deploy)."""
+    from aiaas.serving import apps
+
+    kind = apps.by_import_path(import_path)
+    return kind.args if kind is not None else None
 
 
 def _where(loc: tuple[Any, ...], node: yaml.Node | None) -> str:

@@ -223,7 +223,7 @@ def test_a_tune_seed_draws_the_same_trials_again() -> None:
 
 
 def test_serve_failures_are_told_by_their_exception_not_their_frames() -> None:
-    from aiaas import serving
+    from aiaas.serving import control_plane
 
     inner = (
         "Traceback (most recent call last):\n"
@@ -238,18 +238,18 @@ def test_serve_failures_are_told_by_their_exception_not_their_frames() -> None:
         '  File "/ray/serve/_private/replica.py", line 1930, in initialize\n'
         f"RuntimeError: {inner}"
     )
-    app = {"message": "", "deployments": {"ModelServer": {"message": message}}}
-    told = serving._app_message(app)
+    told = control_plane.said(["", message])
     assert told.startswith("The deployment failed to start 3 times in a row.")
     assert told.endswith("INVALID_PROTOBUF : Load model failed: Protobuf parsing failed.")
     assert "File " not in told and "line 4082" not in told
-    assert serving._app_message({"message": "plain words"}) == "plain words"
+    assert control_plane.said(["plain words"]) == "plain words"
 
 
 def test_a_replica_loads_a_recorded_pin_without_asking_the_registry(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from aiaas import registry, serve_http
+    from aiaas.serving import apps
 
     # No registry at all: any question to it fails.
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -261,7 +261,7 @@ def test_a_replica_loads_a_recorded_pin_without_asking_the_registry(
         tags={registry.FORMAT_TAG: "onnx", registry.READY_TAG: "true"},
         source="models:/m-3",
     )
-    served = [serve_http.ServedModel(name="digits", model="digits-mlp@production")]
+    served = [apps.ServedModel(name="digits", model="digits-mlp@production")]
     user_config = {"versions": {"digits": "3"}, "version_records": {"digits": pinned.pin()}}
     slots = serve_http.Slots(served, lambda version: version, user_config)
     loaded = slots.loaded["digits"]
@@ -283,9 +283,12 @@ def test_a_replica_loads_a_recorded_pin_without_asking_the_registry(
 
 
 def test_pins_carry_a_record_only_for_versions_given_whole() -> None:
-    from aiaas import registry, serving
+    from ray.serve.schema import ServeApplicationSchema
 
-    app = {"import_path": "serve_apps.model_server:build_app", "name": "digits"}
+    from aiaas import registry
+    from aiaas.serving import pins
+
+    app = ServeApplicationSchema(import_path="serve_apps.model_server:build_app", name="digits")
     whole = registry.Version(
         name="digits-mlp",
         version="2",
@@ -294,13 +297,14 @@ def test_pins_carry_a_record_only_for_versions_given_whole() -> None:
         tags={registry.FORMAT_TAG: "torch"},
         source="models:/m-2",
     )
-    serving._set_pins(app, {"digits": whole, "other": whole})
-    user_config = app["deployments"][0]["user_config"]
+    app = pins.pin(app, "ModelServer", {"digits": whole, "other": whole})
+    user_config = app.model_dump(exclude_unset=True)["deployments"][0]["user_config"]
     assert user_config["versions"] == {"digits": "2", "other": "2"}
     assert user_config["version_records"]["digits"] == whole.pin()
 
     # A bare number (the registry could not be asked) drops the now stale record.
-    serving._set_pins(app, {"digits": "3"})
-    user_config = app["deployments"][0]["user_config"]
+    app = pins.pin(app, "ModelServer", {"digits": "3"})
+    user_config = app.model_dump(exclude_unset=True)["deployments"][0]["user_config"]
     assert user_config["versions"] == {"digits": "3", "other": "2"}
     assert set(user_config["version_records"]) == {"other"}
+    assert pins.of(app, "ModelServer").versions == {"digits": "3", "other": "2"}
