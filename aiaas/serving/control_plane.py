@@ -110,6 +110,21 @@ class ControlPlane:
         ``serve deploy`` sends it: only the fields that were set."""
         self.dashboard.put_serve(config.model_dump(mode="json", exclude_unset=True))
 
+    def wait_gone(self, name: str, timeout_s: float) -> None:
+        """Wait until Serve has let the app go (its replicas stopped, its CPUs free again).
+
+        Raises:
+            DeployError: It is still there after ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while name in self.details().applications:
+            if time.monotonic() > deadline:
+                raise errors.DeployError(
+                    f"Serve app '{name}' is still being deleted after {timeout_s:.0f}s",
+                    "See 'aiaas serve status'; Serve finishes deleting it by itself.",
+                )
+            time.sleep(POLL_S)
+
     def wait_healthy(self, names: list[str], timeout_s: float) -> None:
         """Wait until the apps ``names`` and all their deployments are healthy.
 

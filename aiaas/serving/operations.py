@@ -159,11 +159,12 @@ def _model_states(
     return states
 
 
-def delete(cluster: ClusterConfig, name: str) -> None:
-    """Delete one app, keeping the others.
+def delete(cluster: ClusterConfig, name: str, timeout_s: float = 120) -> None:
+    """Delete one app, keeping the others, and wait until Serve has let it go (so what runs
+    next, or ``serve status``, sees it gone and its CPUs free).
 
     Raises:
-        ConfigError: No app of that name.
+        ConfigError: No app of that name. DeployError: Serve still deletes it at ``timeout_s``.
     """
     with ControlPlane.of(cluster) as plane:
         details = plane.details()
@@ -172,6 +173,7 @@ def delete(cluster: ClusterConfig, name: str) -> None:
             raise control_plane.unknown_app(name, list(running))
         del running[name]
         plane.put(control_plane.config(details, list(running.values())))
+        plane.wait_gone(name, timeout_s)
 
 
 def apps_serving(cluster: ClusterConfig, name: str, version: str) -> list[str]:
