@@ -39,9 +39,9 @@ class Move:
 
 def who() -> str:
     """Who moves an alias: ``AIAAS_USER`` when set (CI, services), else user@host."""
-    import os
+    from aiaas import settings
 
-    return os.environ.get("AIAAS_USER") or f"{getpass.getuser()}@{socket.gethostname()}"
+    return settings.current().user or f"{getpass.getuser()}@{socket.gethostname()}"
 
 
 def holder(name: str, alias: str, uri: str | None = None) -> str | None:

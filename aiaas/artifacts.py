@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from aiaas import artifact_digests, errors, model_files, registry
+from aiaas import artifact_digests, errors, model_files, registry, settings
 
 if TYPE_CHECKING:
     from torch import nn
@@ -128,9 +128,7 @@ def verified_copy(version: registry.Version) -> Path:
             "Register it again with this aiaas (train, optimize or import again), then promote "
             "the new version.",
         )
-    root = artifact_digests.private_root(
-        Path(os.environ.get("AIAAS_MODEL_CACHE") or f"{tempfile.gettempdir()}/aiaas-models")
-    )
+    root = artifact_digests.private_root(Path(settings.current().model_cache))
     # The run id makes the key unique across registries that reuse names and numbers.
     key = hashlib.sha256(f"{version.run_id}|{version.source}".encode()).hexdigest()[:12]
     cache = root / f"{version.name}-{version.version}-{key}"

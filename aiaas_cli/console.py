@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import click
 
-from aiaas import errors
+from aiaas import errors, settings
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -27,7 +26,7 @@ def user_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except errors.AiaasError as exc:
-            if os.environ.get("AIAAS_DEBUG") == "1":
+            if settings.current().debug:
                 raise
             fail(str(exc))
 

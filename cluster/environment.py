@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from aiaas import ray_auth
+from aiaas import ray_auth, settings
 from aiaas.config.cluster import ClusterConfig
 
 #: What a node (and so every job, replica and actor it starts) takes from the operator's
@@ -53,10 +53,10 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
     env["RAY_ADDRESS"] = f"127.0.0.1:{config.ports.gcs}"
     # The same mode in every process, and the token by path: never in an environment.
     env.update(ray_auth.process_env(config))
-    env["AIAAS_STORAGE_ROOT"] = config.storage_root
-    env["AIAAS_CLUSTER_NAME"] = config.name
+    env[settings.STORAGE_ROOT] = config.storage_root
+    env[settings.CLUSTER_NAME] = config.name
     # Model artifacts downloaded by replicas and jobs: kept with the cluster's temp files.
-    env["AIAAS_MODEL_CACHE"] = str(cluster_dir(config) / "models")
+    env[settings.MODEL_CACHE] = str(cluster_dir(config) / "models")
     # Models come from the registry, never from the Hugging Face hub (no internet either).
     env.setdefault("HF_HUB_OFFLINE", "1")
     mlflow_url = config.mlflow_url()
@@ -103,7 +103,7 @@ def haproxy_env(config: ClusterConfig) -> dict[str, str]:
         "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(config.ports.serve_fallback_grpc),
         # Ray's default log target is a syslog port that nothing here listens on: a datagram
         # and an ICMP error per request for a log nobody reads. aiaas-haproxy drops it if unset.
-        "AIAAS_HAPROXY_ACCESS_LOG": "1" if config.haproxy_access_log else "0",
+        settings.HAPROXY_ACCESS_LOG: "1" if config.haproxy_access_log else "0",
         **haproxy_settings_env(config),
     }
 

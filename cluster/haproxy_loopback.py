@@ -35,6 +35,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from aiaas import settings
+
 #: How long HAProxy waits for a whole request (headers and body) unless told otherwise.
 HTTP_REQUEST_TIMEOUT_S = 10
 
@@ -241,10 +243,9 @@ def pin_to_loopback(args: list[str]) -> None:
             with open(f"{source}.lock", "w") as lock:
                 fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
                 partial = source.with_name(f".{source.name}.{os.getpid()}")
-                access_log = os.environ.get("AIAAS_HAPROXY_ACCESS_LOG", "1") != "0"
-                timeout = int(
-                    os.environ.get("AIAAS_HAPROXY_HTTP_REQUEST_TIMEOUT_S", HTTP_REQUEST_TIMEOUT_S)
-                )
+                found = settings.current()
+                access_log = found.haproxy_access_log
+                timeout = int(found.haproxy_http_request_timeout_s or HTTP_REQUEST_TIMEOUT_S)
                 error_dir = source.parent / "aiaas-errors"
                 write_error_pages(error_dir)
                 text = loopback_config(source.read_text(), is_local_address, access_log)

@@ -13,7 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from aiaas import errors
+from aiaas import errors, settings
 from aiaas.config.cluster import ClusterConfig, NodeSpec
 from cluster import environment
 
@@ -234,8 +234,8 @@ def _env(config: ClusterConfig) -> dict[str, str]:
     return {
         **ingress,
         **config.env,
-        "AIAAS_STORAGE_ROOT": storage_root(config),
-        "AIAAS_CLUSTER_NAME": config.name,
+        settings.STORAGE_ROOT: storage_root(config),
+        settings.CLUSTER_NAME: config.name,
         "RAY_USAGE_STATS_ENABLED": "0",
     }
 

@@ -3,13 +3,12 @@ the storage root, and end with ``Error: ...`` and exit 1 on a failure we can exp
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from aiaas import errors
+from aiaas import errors, settings
 from aiaas.storage import Storage
 from jobs import outcomes, records
 
@@ -33,13 +32,7 @@ def storage() -> Storage:
     Raises:
         ClusterError: The job runs outside an aiaas cluster.
     """
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
-    if not root:
-        raise errors.ClusterError(
-            "AIAAS_STORAGE_ROOT is not set on this node",
-            "Run the job on a cluster started with 'aiaas cluster up' (it sets the storage root).",
-        )
-    return Storage(root)
+    return Storage(settings.current().require_storage_root())
 
 
 def run_job(
@@ -62,7 +55,7 @@ def run_job(
 
 def record(kind: str, config_path: Path, outcome: outcomes.JobOutcome, status: str) -> None:
     """Keep the job's outcome (nowhere to keep it outside an aiaas cluster)."""
-    root = os.environ.get("AIAAS_STORAGE_ROOT")
+    root = settings.current().storage_root
     if root:
         # Asked only now: after ray.init the id of a job submitted with Ray's CLI is known.
         records.save_outcome(

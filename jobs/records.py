@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from aiaas import settings
 from aiaas.storage import Storage
 from jobs import outcomes
 
@@ -57,8 +58,9 @@ def config_hash(config: dict[str, Any]) -> str:
 
 def current_job_id() -> str:
     """The id of the running job: the submission id aiaas gave it, else Ray's job id."""
-    if os.environ.get("AIAAS_SUBMISSION_ID"):
-        return os.environ["AIAAS_SUBMISSION_ID"]
+    submission_id = settings.current().submission_id
+    if submission_id:
+        return submission_id
     try:
         import ray
 
@@ -107,8 +109,9 @@ def save_outcome(
 
 def git_commit(directory: Path | None = None) -> str:
     """The project's git commit: from the submitter (uploads carry no .git), else from git."""
-    if os.environ.get("AIAAS_GIT_COMMIT"):
-        return os.environ["AIAAS_GIT_COMMIT"]
+    commit = settings.current().git_commit
+    if commit:
+        return commit
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=directory, capture_output=True, text=True, timeout=5

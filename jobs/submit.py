@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from aiaas import errors, ray_auth
+from aiaas import errors, ray_auth, settings
 from aiaas import progress as aiaas_progress
 from aiaas.config.cluster import ClusterConfig
 from aiaas.storage import Storage
@@ -94,7 +94,7 @@ def submit(
         cluster,
         entrypoint,
         submission_id,
-        env_vars={"AIAAS_SUBMISSION_ID": submission_id},
+        env_vars={settings.SUBMISSION_ID: submission_id},
         metadata={
             "aiaas_kind": kind,
             "config_name": config.name,
@@ -127,7 +127,7 @@ def submit_entrypoint(
                     "working_dir": str(PROJECT),
                     "excludes": EXCLUDES,
                     "env_vars": {
-                        "AIAAS_GIT_COMMIT": records.git_commit(PROJECT),
+                        settings.GIT_COMMIT: records.git_commit(PROJECT),
                         **(env_vars or {}),
                     },
                 },

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import concurrent.futures
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
-from aiaas import api_keys, artifacts, registry, serve_http
+from aiaas import api_keys, artifacts, registry, serve_http, settings
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
@@ -66,7 +65,7 @@ class Embeddings:
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
             api_keys.KeyRing(
-                Storage(os.environ["AIAAS_STORAGE_ROOT"]),
+                Storage(settings.current().require_storage_root()),
                 args.api_keys_file,
                 shared=True,
                 control_token=api_keys.cluster_token(),

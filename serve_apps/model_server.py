@@ -18,7 +18,6 @@ load never takes traffic; the error is reported on ``GET /v1/models/{name}``.
 import asyncio
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -28,7 +27,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from aiaas import api_keys, artifacts, registry, serve_http
+from aiaas import api_keys, artifacts, registry, serve_http, settings
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
@@ -72,7 +71,7 @@ class ModelServer:
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
             api_keys.KeyRing(
-                Storage(os.environ["AIAAS_STORAGE_ROOT"]),
+                Storage(settings.current().require_storage_root()),
                 args.api_keys_file,
                 shared=True,
                 control_token=api_keys.cluster_token(),

@@ -22,7 +22,11 @@ def _restore_environ() -> Any:
     """Commands under test point the process at a cluster's Ray auth (ray_auth.use): undo it."""
     import os
 
+    from aiaas import settings
+
     saved = dict(os.environ)
+    settings.current.cache_clear()  # read again: tests set the variables they need
     yield
     os.environ.clear()
     os.environ.update(saved)
+    settings.current.cache_clear()
