@@ -120,18 +120,7 @@ def test_stopped_job_is_stopped_and_registers_nothing(
     )
     deadline = time.monotonic() + 240
     # Epoch 1 reported means epoch 0's checkpoint is stored.
-    while (
-        '"epoch": 1,'
-        not in support.run(
-            "ray",
-            "job",
-            "logs",
-            "--address",
-            digits.dashboard_url,
-            submission_id,
-            ray_env=digits.ray_env,
-        ).stdout
-    ):
+    while '"epoch": 1,' not in _ray_job_logs(digits, submission_id):
         assert time.monotonic() < deadline, "the job never reached its second epoch"
         time.sleep(2)
     stopped = aiaas_cli(digits, "jobs", "stop", submission_id)
@@ -212,15 +201,7 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
     submission_id = _submit(digits, path)
 
     def log() -> str:
-        return support.run(
-            "ray",
-            "job",
-            "logs",
-            "--address",
-            digits.dashboard_url,
-            submission_id,
-            ray_env=digits.ray_env,
-        ).stdout
+        return _ray_job_logs(digits, submission_id)
 
     deadline = time.monotonic() + 300
     while '"epoch": 3,' not in log():
@@ -285,3 +266,16 @@ def test_a_damaged_data_set_fails_the_job_with_its_cause(
     assert "Traceback" not in result.stderr
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert client.search_model_versions("name='broken-run'") == []
+
+
+def _ray_job_logs(cluster: RunningCluster, submission_id: str) -> str:
+    """The job's log as Ray's own CLI prints it (with the cluster's token)."""
+    return support.run(
+        "ray",
+        "job",
+        "logs",
+        "--address",
+        cluster.dashboard_url,
+        submission_id,
+        ray_env=cluster.ray_env,
+    ).stdout

@@ -6,7 +6,6 @@ One local MLflow (sqlite, artifacts in a temp dir) per module; each test loads i
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import re
 import shutil
@@ -22,6 +21,7 @@ import pytest
 from aiaas import artifact_digests, artifacts, errors, registration, registry
 from aiaas.config.train import ModelSpec
 from tests import support
+from tests.unit import pickle_bomb
 
 ROWS = np.random.default_rng(0).random((5, 64), dtype=np.float32)
 TORCH_FORMATS = ["torch", "dynamic-int8", "torchscript"]
@@ -29,16 +29,6 @@ HINT = (
     "The damaged copy was removed, so the next load downloads the artifact again; if this error "
     "comes back, the registry's copy is damaged: register the model again."
 )
-
-
-class _Marker:
-    """Unpickling this runs a shell command that creates a file: proof a pickle was executed."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +197,7 @@ def test_a_planted_pickle_never_runs(
     import torch
 
     marker = tmp_path / "pickle-ran"
-    planted = pickle.dumps(_Marker(marker))
+    planted = pickle.dumps(pickle_bomb.Marker(marker))
     version = registered["mlp-torch"]
 
     # Beside the weights, where MLflow's pytorch flavor keeps its pickled module.
@@ -242,7 +232,7 @@ def test_a_planted_pickle_never_runs(
             (forged / "data" / "weights.safetensors").unlink()
             (forged / file).write_bytes(planted)
         else:
-            torch.save(_Marker(marker), forged / file)
+            torch.save(pickle_bomb.Marker(marker), forged / file)
         trusted = registry.Version(
             name="forged",
             version="1",

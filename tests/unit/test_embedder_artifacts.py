@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import pickle
 import shutil
 from collections.abc import Iterator
@@ -14,18 +13,9 @@ import numpy as np
 import pytest
 
 from aiaas import artifact_digests, artifacts, errors, registration, registry
+from tests.unit import pickle_bomb
 
 TEXTS = ["aiaas serves models.", "Pickles are code."]
-
-
-class _Marker:
-    """Unpickling this runs a shell command that creates a file: proof a pickle was executed."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[Any, tuple[str]]:
-        return (os.system, (f"touch {self.marker}",))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +67,7 @@ def test_pickled_weights_in_an_embedding_artifact_never_load(
     (forged / artifact_digests.MANIFEST).unlink()
     data = forged / artifacts.EMBEDDER_DATA
     (data / "model.safetensors").unlink()
-    (data / "pytorch_model.bin").write_bytes(pickle.dumps(_Marker(marker)))
+    (data / "pytorch_model.bin").write_bytes(pickle.dumps(pickle_bomb.Marker(marker)))
     version = registry.Version(
         name="forged",
         version="1",
