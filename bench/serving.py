@@ -3,6 +3,9 @@ settings, on the same registered model, driven by wrk (a C load generator, so th
 the bottleneck) over loopback. Median of 3 alternating rounds; plus autoscaling reaction time of
 the shipped config vs Serve's default autoscaling. Ray Serve's reference runs first, on its own
 cluster, then aiaas and FastAPI on theirs: one cluster up at a time.
+
+Over ~400 lines on purpose: one benchmark whose rounds share one bench cluster's life (start,
+references, alternating rounds, teardown); split, each piece would need that state passed in.
 """
 
 from __future__ import annotations

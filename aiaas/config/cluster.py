@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlparse
 
 from pydantic import (
@@ -24,6 +24,7 @@ from pydantic import (
 )
 
 from aiaas.config.base import ConfigModel, Name, Port
+from aiaas.config.deploy import DeploySpec
 
 #: Ray's plasma store refuses less than 75 MiB.
 _MIN_OBJECT_STORE = 75 * 1024 * 1024
@@ -207,56 +208,6 @@ class GrafanaSpec(ConfigModel):
         if value is not None and urlparse(value).scheme not in ("http", "https"):
             raise ValueError(f"'{value}' is not an http(s) URL; write e.g. http://127.0.0.1:3000")
         return value.rstrip("/") if value else value
-
-
-class RayUpSpec(ConfigModel):
-    """What a ``ray up`` cluster YAML needs beyond the node resources."""
-
-    provider: dict[str, Any] = Field(
-        description="ray-up 'provider' block, passed through, e.g. {type: aws, region: us-west-2}"
-    )
-    head_node_config: dict[str, Any] = Field(
-        default_factory=dict,
-        description="provider-specific node_config of the head, e.g. {InstanceType: m5.2xlarge}",
-    )
-    worker_node_configs: dict[str, dict[str, Any]] = Field(
-        default_factory=dict,
-        description="provider-specific node_config per worker group name",
-    )
-    ssh_user: str = Field("ubuntu", description="user ray up logs in as")
-    idle_timeout_minutes: PositiveFloat = Field(5, description="autoscaler scale-down delay")
-
-    @field_validator("provider")
-    @classmethod
-    def _provider_has_type(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if "type" not in value:
-            raise ValueError("needs a 'type', e.g. {type: aws, region: us-west-2}")
-        return value
-
-
-class KubeRaySpec(ConfigModel):
-    """What a KubeRay ``RayCluster`` manifest needs beyond the node resources."""
-
-    namespace: str = Field("default", description="Kubernetes namespace of the RayCluster")
-    service_account: str | None = Field(None, description="service account of the Ray pods")
-
-
-class DeploySpec(ConfigModel):
-    """Used only by ``aiaas cluster render``: how the cluster runs off this machine."""
-
-    image: str = Field(
-        "rayproject/ray:2.60.0-py311-cpu",
-        description="container image of every node; use a -gpu image for GPU groups",
-    )
-    storage_root: str | None = Field(
-        None,
-        description="storage root shared by all nodes (s3:// or gs://); defaults to the "
-        "top-level storage_root",
-    )
-    ray_up: RayUpSpec | None = Field(None, description="settings for --target ray-up")
-    kuberay: KubeRaySpec = Field(
-        default_factory=KubeRaySpec, description="settings for --target kuberay"
-    )
 
 
 #: HAProxy 2.8's retry-on keywords and the statuses it may retry on.
