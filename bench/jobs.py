@@ -90,6 +90,7 @@ def run() -> list[dict[str, Any]]:
     bench = serving.Bench(directory, "bench-jobs", {k: str(v) for k, v in env.items()})
     found: dict[tuple[str, str], list[float]] = {}
     try:
+        bench.running = True  # set first: stop() then takes down a cluster that half started
         support.run("aiaas", "cluster", "up", str(bench.config), timeout=600).check_returncode()
         from ray.job_submission import JobSubmissionClient
 

@@ -144,6 +144,7 @@ def run() -> list[dict[str, Any]]:
     root = yaml.safe_load(bench.config.read_text())["storage_root"]
     found: dict[str, list[dict[str, float]]] = {}
     try:
+        bench.running = True  # set first: stop() then takes down a cluster that half started
         support.run("aiaas", "cluster", "up", str(bench.config), timeout=600).check_returncode()
         support.run(
             "aiaas",
