@@ -92,6 +92,53 @@ EMBEDDINGS_BATCH_SIZE = Metric(
     "aiaas_embeddings_batch_size", "histogram", "Texts per executed batch.", ("model",), _BATCH
 )
 
+# Serving: the LLM app (serve_apps/llm.py). One observation per request, never per token: a
+# histogram observed per token would put the dashboard agent's metrics path on the decode loop.
+LLM_REQUESTS = Metric(
+    "aiaas_llm_requests",
+    "counter",
+    "Chat and completion requests by model, version, endpoint (chat, completions) and HTTP code.",
+    ("model", "version", "endpoint", "code"),
+)
+LLM_TTFT = Metric(
+    "aiaas_llm_time_to_first_token_ms",
+    "histogram",
+    "From a request reaching the replica to its first output token, in milliseconds.",
+    ("model", "version"),
+    (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000),
+)
+LLM_INTER_TOKEN = Metric(
+    "aiaas_llm_inter_token_latency_ms",
+    "histogram",
+    "A request's mean time between output tokens after the first, in milliseconds.",
+    ("model", "version"),
+    (5, 10, 20, 50, 100, 200, 500, 1000, 2000),
+)
+LLM_PROMPT_TOKENS = Metric(
+    "aiaas_llm_prompt_tokens",
+    "counter",
+    "Prompt tokens of admitted requests, by model and version.",
+    ("model", "version"),
+)
+LLM_OUTPUT_TOKENS = Metric(
+    "aiaas_llm_output_tokens",
+    "counter",
+    "Tokens generated, by model and version (rate() is output tokens per second).",
+    ("model", "version"),
+)
+LLM_RUNNING = Metric(
+    "aiaas_llm_running_sequences",
+    "gauge",
+    "Sequences generating in a replica's engine, by model and version.",
+    ("model", "version"),
+)
+LLM_WAITING = Metric(
+    "aiaas_llm_waiting_sequences",
+    "gauge",
+    "Requests admitted by a replica and waiting for a place in its engine's batch.",
+    ("model", "version"),
+)
+
 # Training: rank 0 of each Ray Train run (jobs/train.py), once per epoch.
 TRAIN_SAMPLES_PER_S = Metric(
     "aiaas_train_samples_per_second",

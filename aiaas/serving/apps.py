@@ -9,7 +9,7 @@ control plane finds an app's pins and status routes through :data:`MODEL_APPS`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -81,6 +81,75 @@ class EmbeddingsArgs(AppArgs):
     threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
 
 
+class VLLMOptions(BaseModel):
+    """What ``engine: vllm`` passes on to Ray Serve LLM (GPU nodes with vLLM installed)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type the replicas need, e.g. 'A10G' or 'L4'"
+    )
+    tensor_parallel_size: int = Field(1, ge=1, le=64, description="GPUs per replica (TP)")
+    pipeline_parallel_size: int = Field(1, ge=1, le=64, description="pipeline stages per replica")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of each GPU's memory vLLM may take"
+    )
+    dtype: str = Field("auto", description="vLLM's dtype: auto, bfloat16, float16, float32")
+    engine_kwargs: dict[str, object] = Field(
+        default_factory=dict, description="more vLLM engine arguments, passed as they are"
+    )
+
+
+class LLMArgs(AppArgs):
+    """The LLM app's arguments (``serve_apps.llm``): OpenAI chat and completions."""
+
+    models: list[ServedModel] = Field(
+        min_length=1, description="causal LM versions served; 'name' is the request's 'model'"
+    )
+    engine: Literal["transformers", "vllm"] = Field(
+        "transformers",
+        description="transformers: continuous batching on CPU or GPU in the replica; vllm: "
+        "Ray Serve LLM's vLLM engine (GPU nodes, vLLM installed)",
+    )
+    max_running: int = Field(
+        8, ge=1, le=1024, description="sequences one replica generates at once (its batch)"
+    )
+    max_queued: int = Field(
+        32, ge=0, le=100_000, description="requests waiting beyond max_running (more: 503)"
+    )
+    max_context_tokens: int | None = Field(
+        None,
+        ge=16,
+        description="prompt + output tokens per request (more: 400); default: the model's "
+        "context length",
+    )
+    default_max_tokens: int = Field(
+        256, ge=1, description="output tokens when a request names no max_tokens"
+    )
+    kv_cache_tokens: int = Field(
+        16_384,
+        ge=256,
+        description="tokens the engine's paged KV cache holds, all sequences together",
+    )
+    prefill_chunk_tokens: int = Field(
+        512, ge=16, description="most prompt tokens one engine step takes in (chunked prefill)"
+    )
+    request_timeout_s: float = Field(
+        300.0, gt=0, description="per-request limit from arrival to the last token (504)"
+    )
+    max_payload_bytes: int = Field(1_048_576, ge=1024, description="request body limit (413)")
+    api_keys_file: str | None = Field(
+        None, description="key file under the storage root; when set, calls need a Bearer key"
+    )
+    threads: int = Field(2, ge=1, le=256, description="intra-op threads per replica")
+    use_gpu: bool = Field(
+        False, description="transformers engine: run on the replica's GPU (give it num_gpus)"
+    )
+    vllm: VLLMOptions = Field(
+        default_factory=VLLMOptions, description="engine: vllm only (Ray Serve LLM's LLMConfig)"
+    )
+
+
 @dataclass(frozen=True)
 class ModelApp:
     """One of our Serve apps that serves registered versions, and how to reach its models."""
@@ -91,15 +160,24 @@ class ModelApp:
     status_path: str  # GET, relative to the route prefix
     call: str  # what clients call, relative to the route prefix
     args: type[AppArgs]
+    #: A first path segment the app may carry in its route prefix instead (the embeddings app
+    #: at ``/v1/embeddings`` beside the LLM app at ``/v1``): then the paths start after it.
+    segment: str = ""
+
+    def _path(self, prefix: str, path: str) -> str:
+        prefix = prefix.rstrip("/")
+        if self.segment and prefix.endswith(self.segment) and path.startswith(self.segment):
+            path = path[len(self.segment) :] or "/"
+        return f"{prefix}{path}"
 
     def status_url(self, base: str, prefix: str, name: str) -> str:
         """The status route of model ``name`` behind Serve's proxy at ``base``."""
-        return f"{base}{prefix.rstrip('/')}{self.status_path.format(name=name)}"
+        return base + self._path(prefix, self.status_path.format(name=name))
 
     def call_line(self, base: str, prefix: str, name: str) -> str:
         """What clients call for model ``name``, e.g. ``POST http://…/v1/models/digits:predict``."""
         method, path = self.call.format(name=name).split(" ", 1)
-        return f"{method} {base}{prefix.rstrip('/')}{path}"
+        return f"{method} {base}{self._path(prefix, path)}"
 
     def args_of(self, app: ServeApplicationSchema) -> AppArgs:
         """The app's typed ``args`` (checked by the loader before any deploy)."""
@@ -122,9 +200,20 @@ EMBEDDINGS = ModelApp(
     status_path="/embeddings/{name}",
     call="POST /embeddings",
     args=EmbeddingsArgs,
+    segment="/embeddings",
+)
+LLM = ModelApp(
+    import_path="serve_apps.llm:build_app",
+    deployment="LLMServer",
+    formats=("hf-causal-lm",),
+    status_path="/llm/{name}",
+    call="POST /chat/completions",
+    args=LLMArgs,
 )
 #: Our apps that serve registered versions, by import path.
-MODEL_APPS = {app.import_path: app for app in (MODEL_SERVER, EMBEDDINGS)}
+MODEL_APPS = {app.import_path: app for app in (MODEL_SERVER, EMBEDDINGS, LLM)}
+#: The deployments whose models ``GET /v1/models`` lists (each answers ``openai_models``).
+OPENAI_DEPLOYMENTS = (EMBEDDINGS.deployment, LLM.deployment)
 
 
 def by_import_path(import_path: str) -> ModelApp | None:
