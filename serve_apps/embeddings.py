@@ -5,9 +5,13 @@
 - ``POST /v1/embeddings`` with ``{"model": ..., "input": str | [str], "encoding_format":
   "float" | "base64", "dimensions": n}`` → OpenAI's response shape, with token counts from the
   model's own tokenizer
-- ``GET /v1/models`` → the models this app serves, in OpenAI's list shape (when the model
-  server is deployed beside it, ``/v1/models`` is the model server's route)
+- ``GET /v1/models`` → every model of every OpenAI-style app on the cluster, in OpenAI's list
+  shape (when the model server is deployed beside it, ``/v1/models`` is its route, and it
+  answers the same list)
 - ``GET /v1/embeddings/{model}`` → readiness and the version being served
+
+Beside the LLM app (route prefix ``/v1``), give this app ``route_prefix: /v1/embeddings``: the
+same URLs keep working.
 
 Requests are batched across clients (``@serve.batch``); inputs over the model's token limit are
 refused unless the request asks for truncation (``"truncate": true``, an aiaas extension).
@@ -27,7 +31,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
-from aiaas import api_keys, artifacts, registry, serve_http, settings
+from aiaas import api_keys, artifacts, openai_models, registry, serve_http, settings
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
@@ -73,6 +77,7 @@ class Embeddings:
             if args.api_keys_file
             else None
         )
+        self.catalogue = openai_models.Catalogue()
         self.pending = 0
         batcher: Any = self.embed_batch  # type: ignore[misc]
         batcher.set_max_batch_size(args.max_batch_size)
@@ -94,32 +99,36 @@ class Embeddings:
         if self.keys is not None:
             await self.keys.admit(request.headers.get("authorization"), status)
 
+    def openai_models(self) -> list[dict[str, Any]]:
+        """This app's models in OpenAI's shape (what ``GET /v1/models`` of any app lists)."""
+        return [
+            {
+                "id": name,
+                "object": "model",
+                "created": loaded.created,
+                "owned_by": "aiaas",
+                "version": loaded.version,
+                "kind": "embeddings",
+                "dimensions": loaded.embedder.dimension,
+                "max_input_tokens": loaded.embedder.max_tokens,
+                **(
+                    {"failed_version": self.slots.failed[name]} if name in self.slots.failed else {}
+                ),
+            }
+            for name, loaded in self.slots.loaded.items()
+        ]
+
     @app.get("/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
         await self._authorize(request, status=True)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": loaded.created,
-                    "owned_by": "aiaas",
-                    "version": loaded.version,
-                    "dimensions": loaded.embedder.dimension,
-                    "max_input_tokens": loaded.embedder.max_tokens,
-                    **(
-                        {"failed_version": self.slots.failed[name]}
-                        if name in self.slots.failed
-                        else {}
-                    ),
-                }
-                for name, loaded in self.slots.loaded.items()
-            ],
-        }
+        own = self.openai_models()
+        return {"object": "list", "data": await self.catalogue.models(own, "Embeddings")}
 
     # Not under /models: beside the model server (route /v1/models) that path would be its.
+    # At route prefix /v1/embeddings (beside the LLM app at /v1) the same routes lose their
+    # first segment: POST /v1/embeddings is "/", a status is "/{name}".
     @app.get("/embeddings/{name}")
+    @app.get("/{name}")
     async def model_status(self, name: str, request: Request) -> dict[str, Any]:
         await self._authorize(request, status=True)
         loaded = self.slots.get(name)
@@ -135,6 +144,7 @@ class Embeddings:
         return status
 
     @app.post("/embeddings")
+    @app.post("/")
     async def embeddings(self, request: Request) -> dict[str, Any]:
         # Metrics name a model only once it is one this app serves: a label per made-up
         # name would grow without bound.

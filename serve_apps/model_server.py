@@ -27,7 +27,7 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from aiaas import api_keys, artifacts, registry, serve_http, settings
+from aiaas import api_keys, artifacts, openai_models, registry, serve_http, settings
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
 from aiaas.storage import Storage
@@ -68,6 +68,7 @@ class ModelServer:
     def __init__(self, args: Args) -> None:
         self.args = args
         self.pending = 0
+        self.catalogue = openai_models.Catalogue()
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         self.keys = (
             api_keys.KeyRing(
@@ -110,7 +111,15 @@ class ModelServer:
             if self.keys is not None:  # status and list obey keys like predict
                 await self.keys.admit(request.headers.get("authorization"), status=True)
             if name is None:
-                return JSONResponse({"models": [self._status(n) for n in self.slots.entries]})
+                # KServe's list beside OpenAI's: this route shadows the LLM and embeddings
+                # apps' GET /v1/models, so it lists their models for OpenAI clients.
+                return JSONResponse(
+                    {
+                        "models": [self._status(n) for n in self.slots.entries],
+                        "object": "list",
+                        "data": await self.catalogue.models([], None),
+                    }
+                )
             self.slots.get(name)
             return JSONResponse(self._status(name))
         except (serve_http.ApiError, api_keys.Denied) as exc:
