@@ -27,22 +27,41 @@ def _rule(
     }
 
 
-def serving_error_ratio(window: str, selector: str = "") -> str:
-    """5xx answers over all answers, per model and version (``selector``: more label matchers,
-    e.g. ``model=~"$model"``)."""
-    requests = metrics.SERVE_REQUESTS.series
+def _error_ratio(metric: metrics.Metric, window: str, selector: str) -> str:
+    series = metric.series
     extra = f", {selector}" if selector else ""
     return (
-        f'sum by (model, version) (rate({requests}{{code=~"5.."{extra}}}[{window}]))'
-        f" / sum by (model, version) (rate({requests}{selector and '{' + selector + '}'}"
+        f'sum by (model, version) (rate({series}{{code=~"5.."{extra}}}[{window}]))'
+        f" / sum by (model, version) (rate({series}{selector and '{' + selector + '}'}"
         f"[{window}]))"
     )
 
 
+def _p99(metric: metrics.Metric, window: str) -> str:
+    buckets = f"{metric.series}_bucket"
+    return f"histogram_quantile(0.99, sum by (model, version, le) (rate({buckets}[{window}])))"
+
+
+def serving_error_ratio(window: str, selector: str = "") -> str:
+    """5xx answers over all answers, per model and version (``selector``: more label matchers,
+    e.g. ``model=~"$model"``)."""
+    return _error_ratio(metrics.SERVE_REQUESTS, window, selector)
+
+
 def serving_p99_ms(window: str) -> str:
     """p99 predict latency inside the replicas, per model and version."""
-    buckets = f"{metrics.SERVE_LATENCY.series}_bucket"
-    return f"histogram_quantile(0.99, sum by (model, version, le) (rate({buckets}[{window}])))"
+    return _p99(metrics.SERVE_LATENCY, window)
+
+
+def llm_error_ratio(window: str, selector: str = "") -> str:
+    """5xx answers over all chat and completion answers, per model and version (both
+    endpoints together: a broken model version fails both)."""
+    return _error_ratio(metrics.LLM_REQUESTS, window, selector)
+
+
+def llm_ttft_p99_ms(window: str) -> str:
+    """p99 time to first token inside the LLM replicas, per model and version."""
+    return _p99(metrics.LLM_TTFT, window)
 
 
 def rules(config: MonitoringConfig) -> dict[str, Any]:
@@ -85,6 +104,31 @@ def rules(config: MonitoringConfig) -> dict[str, Any]:
             " load is above what it may scale to. Raise max_replicas or add nodes.",
         ),
     ]
+    llm = [
+        _rule(
+            "AiaasLLMErrorRate",
+            f"({llm_error_ratio(alerts.window)}) > {alerts.llm_error_ratio}",
+            alerts.pending_for,
+            "critical",
+            "LLM {{ $labels.model }} version {{ $labels.version }} answers with server errors",
+            f"More than {alerts.llm_error_ratio:.0%} of chat and completion answers over "
+            f"{alerts.window} are 5xx. "
+            "Check 'aiaas serve status' and the replica logs; 'aiaas serve rollback APP' goes "
+            "back to the previous version.",
+        ),
+        _rule(
+            "AiaasLLMTimeToFirstTokenHigh",
+            f"{llm_ttft_p99_ms(alerts.window)} > {alerts.llm_ttft_p99_ms:g}",
+            alerts.pending_for,
+            "warning",
+            "LLM {{ $labels.model }} version {{ $labels.version }} p99 time to first token is "
+            "over target",
+            f"p99 time to first token over {alerts.window} is above the "
+            f"{alerts.llm_ttft_p99_ms:g} ms target. If waiting sequences climb on the aiaas / LLM "
+            "dashboard, requests queue for a place in the engine's batch: raise max_replicas or "
+            "max_running. If prompt tokens per second climb instead, long prompts take the time.",
+        ),
+    ]
     jobs = [
         _rule(
             "AiaasTrainingJobFailed",
@@ -110,6 +154,7 @@ def rules(config: MonitoringConfig) -> dict[str, Any]:
     return {
         "groups": [
             {"name": "aiaas-serving", "rules": serving},
+            {"name": "aiaas-llm", "rules": llm},
             {"name": "aiaas-jobs", "rules": jobs},
             {"name": "aiaas-cluster", "rules": cluster},
         ]

@@ -43,18 +43,18 @@ def _model_filter(metric: metrics.Metric, suffix: str = "") -> str:
     return f'{metric.series}{suffix}{{model=~"$model"}}'
 
 
+def _quantile(metric: metrics.Metric, q: float) -> Query:
+    buckets = _model_filter(metric, "_bucket")
+    return Query(
+        f"histogram_quantile({q}, sum by (model, version, le) (rate({buckets}[{RATE}])))",
+        f"p{int(q * 100)} {{{{model}}}} v{{{{version}}}}",
+    )
+
+
 def _serving() -> list[PanelSpec]:
     requests = _model_filter(metrics.SERVE_REQUESTS)
-    buckets = _model_filter(metrics.SERVE_LATENCY, "_bucket")
     batch = metrics.SERVE_BATCH_SIZE.series
     by_model = 'model=~"$model"'
-
-    def quantile(q: float) -> Query:
-        return Query(
-            f"histogram_quantile({q}, sum by (model, version, le) (rate({buckets}[{RATE}])))",
-            f"p{int(q * 100)} {{{{model}}}} v{{{{version}}}}",
-        )
-
     return [
         PanelSpec(
             "Requests per second",
@@ -81,7 +81,7 @@ def _serving() -> list[PanelSpec]:
         PanelSpec(
             "Latency inside the replica",
             "p50 and p99 predict latency per model and version.",
-            (quantile(0.5), quantile(0.99)),
+            (_quantile(metrics.SERVE_LATENCY, 0.5), _quantile(metrics.SERVE_LATENCY, 0.99)),
             unit="ms",
         ),
         PanelSpec(
@@ -111,6 +111,84 @@ def _serving() -> list[PanelSpec]:
                 Query(
                     f"max by (application, deployment) ({metrics.SERVE_REPLICAS_MAX.series})",
                     "{{application}}/{{deployment}} max",
+                ),
+            ),
+        ),
+    ]
+
+
+def _llm() -> list[PanelSpec]:
+    # Imported here: aiaas.serving costs a quarter second, and only building needs it.
+    from aiaas.serving import apps
+
+    by_model = 'model=~"$model"'
+    per_version = "{{model}} v{{version}}"
+
+    def rate(metric: metrics.Metric, legend: str) -> Query:
+        return Query(
+            f"sum by (model, version) (rate({_model_filter(metric)}[{RATE}]))",
+            f"{legend} {per_version}",
+        )
+
+    def gauge(metric: metrics.Metric, legend: str) -> Query:
+        return Query(
+            f"sum by (model, version) ({_model_filter(metric)})", f"{legend} {per_version}"
+        )
+
+    llm = f'deployment="{apps.LLM.deployment}"'
+    return [
+        PanelSpec(
+            "Requests per second",
+            "Chat and completion answers per second by model, version and HTTP status code.",
+            (
+                Query(
+                    f"sum by (model, version, code) "
+                    f"(rate({_model_filter(metrics.LLM_REQUESTS)}[{RATE}]))",
+                    "{{model}} v{{version}} {{code}}",
+                ),
+            ),
+            unit="reqps",
+        ),
+        PanelSpec(
+            "Server error ratio",
+            "Share of 5xx answers; the AiaasLLMErrorRate alert fires above its threshold.",
+            (Query(alert_rules.llm_error_ratio(RATE, by_model), per_version),),
+            unit="percentunit",
+        ),
+        PanelSpec(
+            "Time to first token",
+            "p50 and p99 from a request reaching the replica to its first token; the "
+            "AiaasLLMTimeToFirstTokenHigh alert watches the p99.",
+            (_quantile(metrics.LLM_TTFT, 0.5), _quantile(metrics.LLM_TTFT, 0.99)),
+            unit="ms",
+        ),
+        PanelSpec(
+            "Inter-token latency",
+            "p50 and p99 over requests of each request's mean time between output tokens.",
+            (_quantile(metrics.LLM_INTER_TOKEN, 0.5), _quantile(metrics.LLM_INTER_TOKEN, 0.99)),
+            unit="ms",
+        ),
+        PanelSpec(
+            "Tokens per second",
+            "Output tokens generated and prompt tokens admitted, per model and version.",
+            (rate(metrics.LLM_OUTPUT_TOKENS, "output"), rate(metrics.LLM_PROMPT_TOKENS, "prompt")),
+        ),
+        PanelSpec(
+            "Sequences",
+            "Sequences generating in the engines' batches, and requests waiting for a place.",
+            (gauge(metrics.LLM_RUNNING, "running"), gauge(metrics.LLM_WAITING, "waiting")),
+        ),
+        PanelSpec(
+            "Replicas",
+            "LLM replicas by state, and each LLM deployment's maximum.",
+            (
+                Query(
+                    f"sum by (application, state) ({metrics.SERVE_REPLICAS.series}{{{llm}}})",
+                    "{{application}} {{state}}",
+                ),
+                Query(
+                    f"max by (application) ({metrics.SERVE_REPLICAS_MAX.series}{{{llm}}})",
+                    "{{application}} max",
                 ),
             ),
         ),
@@ -243,11 +321,12 @@ def _cluster() -> list[PanelSpec]:
     ]
 
 
-#: uid suffix → (title, panels, has a model variable).
-_DASHBOARDS: dict[str, tuple[str, Any, bool]] = {
-    "serving": ("aiaas / Serving", _serving, True),
-    "jobs": ("aiaas / Jobs, training and registry", _jobs_and_training, False),
-    "cluster": ("aiaas / Cluster", _cluster, False),
+#: uid suffix → (title, panels, the metric whose ``model`` label fills a model variable).
+_DASHBOARDS: dict[str, tuple[str, Any, metrics.Metric | None]] = {
+    "serving": ("aiaas / Serving", _serving, metrics.SERVE_REQUESTS),
+    "llm": ("aiaas / LLM", _llm, metrics.LLM_REQUESTS),
+    "jobs": ("aiaas / Jobs, training and registry", _jobs_and_training, None),
+    "cluster": ("aiaas / Cluster", _cluster, None),
 }
 
 
@@ -259,7 +338,7 @@ def build(config: MonitoringConfig) -> list[dict[str, Any]]:
 
     source = DataSourceRef(type_val="prometheus", uid="${datasource}")
     built = []
-    for suffix, (title, panels, model_variable) in _DASHBOARDS.items():
+    for suffix, (title, panels, models) in _DASHBOARDS.items():
         board = (
             dashboard.Dashboard(title)
             .uid(f"{config.dashboards.uid_prefix}-{suffix}")
@@ -271,12 +350,12 @@ def build(config: MonitoringConfig) -> list[dict[str, Any]]:
                 dashboard.DatasourceVariable("datasource").label("Data source").type("prometheus")
             )
         )
-        if model_variable:
+        if models is not None:
             board = board.with_variable(
                 dashboard.QueryVariable("model")
                 .label("Model")
                 .datasource(source)
-                .query(f"label_values({metrics.SERVE_REQUESTS.series}, model)")
+                .query(f"label_values({models.series}, model)")
                 .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
                 .multi(True)
                 .include_all(True)

@@ -48,15 +48,22 @@ class ExporterSpec(ConfigModel):
 class AlertSpec(ConfigModel):
     """Thresholds of aiaas's alert rules."""
 
-    window: Duration = Field("5m", description="rate window of the serving alerts")
+    window: Duration = Field("5m", description="rate window of the serving and LLM alerts")
     pending_for: Duration = Field(
-        "2m", description="how long a serving condition must hold before its alert fires"
+        "2m", description="how long a serving or LLM condition must hold before its alert fires"
     )
     serving_error_ratio: PositiveFloat = Field(
         0.05, le=1, description="share of 5xx answers per model and version that alerts"
     )
     serving_p99_ms: PositiveFloat = Field(
         250, description="p99 predict latency inside the replica that alerts, in milliseconds"
+    )
+    llm_error_ratio: PositiveFloat = Field(
+        0.05, le=1, description="share of 5xx LLM answers per model and version that alerts"
+    )
+    llm_ttft_p99_ms: PositiveFloat = Field(
+        5000,
+        description="p99 time to first token inside the LLM replicas that alerts, in milliseconds",
     )
     replicas_at_max_for: Duration = Field(
         "10m", description="how long a deployment may sit at its max replicas before alerting"

@@ -57,7 +57,7 @@ def _expected(rule: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
 def test_alert_rules_pass_promtool_tests(tmp_path: Path) -> None:
     """Each rule fires on the series that should fire it, after its `for`, and not on others
     (thresholds of the shipped configs/monitoring/default.yaml: 5m window, 2m pending, 5%, 250 ms,
-    10m at max, 15m lookback)."""
+    LLM 5% and 5000 ms, 10m at max, 15m lookback)."""
     rules = _write_rules(tmp_path)
     checked = _promtool("check", "rules", alert_rules.RULES_FILE, cwd=tmp_path)
     assert checked.returncode == 0, checked.stdout + checked.stderr
@@ -65,7 +65,14 @@ def test_alert_rules_pass_promtool_tests(tmp_path: Path) -> None:
     latency = f"{metrics.SERVE_LATENCY.series}_bucket"
     replicas, maximum = metrics.SERVE_REPLICAS.series, metrics.SERVE_REPLICAS_MAX.series
     jobs = metrics.JOBS.series
+    llm, ttft = metrics.LLM_REQUESTS.series, f"{metrics.LLM_TTFT.series}_bucket"
     digits = {"model": "digits", "version": "3"}
+    smollm = {"model": "smollm", "version": "2"}
+
+    def proc(worker: str) -> str:
+        # Per-process labels: Ray's WorkerId and Serve's replica, new when a replica restarts.
+        return f'WorkerId="{worker}",replica="{worker}"'
+
     series = [
         # digits v3: 1 req/s, and from minute 5 on 0.5 req/s of 503s; "other" has no errors.
         # Two replicas (WorkerId) each export their own counters.
@@ -80,6 +87,33 @@ def test_alert_rules_pass_promtool_tests(tmp_path: Path) -> None:
         (f'{latency}{{model="other",version="1",le="100"}}', "0+60x30"),
         (f'{latency}{{model="other",version="1",le="500"}}', "0+60x30"),
         (f'{latency}{{model="other",version="1",le="+Inf"}}', "0+60x30"),
+        # LLM smollm v2: replicas a and b answer 0.5 req/s each over both endpoints, and a
+        # answers 0.1 req/s more of 503s (9% of answers). At minute 10 a restarts as c:
+        # new per-process labels, counters from 0, and still one alert per version.
+        # "tiny" answers 3.8% 503s: below the 5% threshold.
+        *[
+            (f'{llm}{{model="{m}",version="{v}",endpoint="{e}",code="{c}",{proc(w)}}}', values)
+            for m, v, e, c, w, values in (
+                ("smollm", "2", "chat", "200", "a", "0+30x10"),
+                ("smollm", "2", "chat", "503", "a", "0+6x10"),
+                ("smollm", "2", "chat", "200", "c", "_x10 0+30x20"),
+                ("smollm", "2", "chat", "503", "c", "_x10 0+6x20"),
+                ("smollm", "2", "completions", "200", "b", "0+30x30"),
+                ("tiny", "1", "chat", "200", "d", "0+60x30"),
+                ("tiny", "1", "chat", "503", "d", "0+2.4x30"),
+            )
+        ],
+        # smollm v2's first tokens come in (5000, 10000] ms (p99 9950 ms), from replica a and,
+        # after its restart, c; tiny's in (2000, 5000] ms (p99 4970 ms, just under 5000).
+        *[
+            (f'{ttft}{{model="smollm",version="2",le="{le}",{proc(w)}}}', values)
+            for le, count in (("5000", "0"), ("10000", "60"), ("+Inf", "60"))
+            for w, values in (("a", f"0+{count}x10"), ("c", f"_x10 0+{count}x20"))
+        ],
+        *[
+            (f'{ttft}{{model="tiny",version="1",le="{le}",{proc("d")}}}', values)
+            for le, values in (("2000", "0x30"), ("5000", "0+60x30"), ("+Inf", "0+60x30"))
+        ],
         # "digits" runs at its max of 3 from the start; "small" at 1 of 3.
         (f'{replicas}{{application="digits",deployment="ModelServer",state="RUNNING"}}', "3x30"),
         (f'{maximum}{{application="digits",deployment="ModelServer"}}', "3x30"),
@@ -97,6 +131,20 @@ def test_alert_rules_pass_promtool_tests(tmp_path: Path) -> None:
         ("AiaasServingErrorRate", "12m", [_expected(rules["AiaasServingErrorRate"], digits)]),
         ("AiaasServingLatencyHigh", "1m", []),
         ("AiaasServingLatencyHigh", "10m", [_expected(rules["AiaasServingLatencyHigh"], digits)]),
+        ("AiaasLLMErrorRate", "2m", []),  # errors seen, not yet for 2m
+        ("AiaasLLMErrorRate", "8m", [_expected(rules["AiaasLLMErrorRate"], smollm)]),
+        ("AiaasLLMErrorRate", "13m", [_expected(rules["AiaasLLMErrorRate"], smollm)]),
+        ("AiaasLLMTimeToFirstTokenHigh", "2m", []),
+        (
+            "AiaasLLMTimeToFirstTokenHigh",
+            "6m",
+            [_expected(rules["AiaasLLMTimeToFirstTokenHigh"], smollm)],
+        ),
+        (
+            "AiaasLLMTimeToFirstTokenHigh",
+            "11m",
+            [_expected(rules["AiaasLLMTimeToFirstTokenHigh"], smollm)],
+        ),
         ("AiaasReplicasPinnedAtMax", "5m", []),
         (
             "AiaasReplicasPinnedAtMax",
@@ -161,7 +209,20 @@ def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
 
 def test_dashboards_use_the_metric_catalogue_and_stable_uids() -> None:
     boards = dashboards.build(SHIPPED)
-    assert [board["uid"] for board in boards] == ["aiaas-serving", "aiaas-jobs", "aiaas-cluster"]
+    assert [board["uid"] for board in boards] == [
+        "aiaas-serving",
+        "aiaas-llm",
+        "aiaas-jobs",
+        "aiaas-cluster",
+    ]
+    # Each serving dashboard's model variable lists the models of its own app.
+    variables = {board["uid"]: board["templating"]["list"][1:] for board in boards}
+    assert variables["aiaas-serving"][0]["query"] == (
+        f"label_values({metrics.SERVE_REQUESTS.series}, model)"
+    )
+    assert variables["aiaas-llm"][0]["query"] == (
+        f"label_values({metrics.LLM_REQUESTS.series}, model)"
+    )
     catalogue = {metric.series for metric in metrics.CATALOGUE}
     used = set()
     for board in boards:
@@ -222,10 +283,11 @@ def _folders() -> list[grafana_provisioning.Folder]:
 def test_provisioning_follows_grafanas_api_and_is_idempotent(grafana: GrafanaDouble) -> None:
     source = ("Prometheus", "http://127.0.0.1:9090")
     first = grafana_provisioning.upload(grafana.url, grafana.token, _folders(), source)
-    assert [outcome.action for outcome in first] == ["created"] * 4
+    assert [outcome.action for outcome in first] == ["created"] * 5
     assert set(grafana.folders) == {"aiaas", "aiaas-ray"}
     assert set(grafana.dashboards) == {
         "aiaas-serving",
+        "aiaas-llm",
         "aiaas-jobs",
         "aiaas-cluster",
         "rayServeDashboard",
@@ -240,8 +302,8 @@ def test_provisioning_follows_grafanas_api_and_is_idempotent(grafana: GrafanaDou
 
     # Again: nothing changes, nothing is re-sent, nothing is duplicated.
     again = grafana_provisioning.upload(grafana.url, grafana.token, _folders(), source)
-    assert [outcome.action for outcome in again] == ["unchanged"] * 4
-    assert grafana.calls("POST", "/api/dashboards/db") == 4
+    assert [outcome.action for outcome in again] == ["unchanged"] * 5
+    assert grafana.calls("POST", "/api/dashboards/db") == 5
     assert grafana.calls("POST", "/api/folders") == 2
     assert grafana.calls("POST", "/api/datasources") == 1
 
@@ -250,11 +312,11 @@ def test_provisioning_follows_grafanas_api_and_is_idempotent(grafana: GrafanaDou
     changed[0].dashboards[0]["panels"][0]["title"] = "Predictions per second"
     before = grafana.dashboards["aiaas-serving"]["dashboard"]
     third = grafana_provisioning.upload(grafana.url, grafana.token, changed, source)
-    assert [outcome.action for outcome in third] == ["updated"] + ["unchanged"] * 3
+    assert [outcome.action for outcome in third] == ["updated"] + ["unchanged"] * 4
     after = grafana.dashboards["aiaas-serving"]["dashboard"]
     assert after["id"] == before["id"] and after["version"] == before["version"] + 1
     assert after["panels"][0]["title"] == "Predictions per second"
-    assert len(grafana.dashboards) == 4 and grafana.problems == []
+    assert len(grafana.dashboards) == 5 and grafana.problems == []
 
 
 def test_provisioning_with_a_bad_token_says_so(grafana: GrafanaDouble) -> None:
@@ -277,7 +339,7 @@ def test_provisioning_files_load_in_grafana_file_provisioning(tmp_path: Path) ->
             assert json.loads(board.read_text())["uid"] == board.stem
     sources = yaml.safe_load((tmp_path / "provisioning/datasources/aiaas.yml").read_text())
     assert sources["datasources"][0]["type"] == "prometheus"
-    assert len(written) == 4 + 2
+    assert len(written) == 5 + 2
 
 
 def test_the_exporter_counts_jobs_by_kind_and_replicas_against_their_maximum() -> None:
