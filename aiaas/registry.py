@@ -91,6 +91,7 @@ class Version:
             "format": self.format,
             # A replica checks its copy of the artifact against this, without the registry.
             "artifact_sha256": self.artifact_sha256,
+            "created": str(self.created),  # what GET /v1/models reports as "created"
         }
 
     @classmethod
@@ -105,7 +106,7 @@ class Version:
             name=str(pin["model"]),
             version=str(pin["version"]),
             run_id=str(pin["run_id"]),
-            created=0.0,
+            created=float(pin.get("created") or 0.0),
             tags={
                 FORMAT_TAG: str(pin["format"]),
                 READY_TAG: "true",
