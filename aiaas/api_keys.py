@@ -6,6 +6,9 @@ GitHub's tokens: there is no password to guess. Replicas re-read the file every 
 ``aiaas serve keys revoke`` takes effect without a redeploy. A file that cannot be read or does
 not parse is never taken for "no keys": the CLI refuses to change it and replicas refuse every
 request (503) until it is fixed.
+
+A key may also be limited in tokens per minute (prompt and output tokens of the LLM app):
+:meth:`KeyRing.admit_tokens` before a request, :meth:`KeyRing.charge_tokens` after it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import contextlib
 import fcntl
 import hashlib
 import hmac
+import logging
+import math
 import os
 import secrets
 import time
@@ -27,6 +32,8 @@ from aiaas.storage import Storage
 PREFIX = "aiaas_"
 RELOAD_EVERY_S = 2.0
 
+logger = logging.getLogger("ray.serve")
+
 
 class KeyEntry(BaseModel):
     """One key of the file: its digest, never the key."""
@@ -37,6 +44,11 @@ class KeyEntry(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 of the key, hex")
     created: float = Field(description="Unix time of creation")
     rate_limit_per_s: float | None = Field(None, gt=0, description="requests/s; None: no limit")
+    tokens_per_minute: int | None = Field(
+        None,
+        gt=0,
+        description="prompt + output tokens/minute (LLM app); None: no limit",
+    )
     revoked: bool = Field(
         False, description="revoked keys are kept so the file tells who had access"
     )
@@ -110,10 +122,19 @@ def _locked(storage: Storage, path: str) -> Iterator[None]:
 
 
 def _write(storage: Storage, path: str, data: KeyFile) -> None:
-    storage.write_text(path, data.model_dump_json(indent=2))
+    # Without a tokens/minute limit the field is left out: replicas of an aiaas before it
+    # (extra="forbid") would take the file for damaged and refuse every request.
+    unset = {i: {"tokens_per_minute"} for i, e in enumerate(data.keys) if not e.tokens_per_minute}
+    storage.write_text(path, data.model_dump_json(indent=2, exclude={"keys": unset}))
 
 
-def create(storage: Storage, path: str, key_id: str, rate_limit_per_s: float | None) -> str:
+def create(
+    storage: Storage,
+    path: str,
+    key_id: str,
+    rate_limit_per_s: float | None,
+    tokens_per_minute: int | None = None,
+) -> str:
     """Add a key named ``key_id``; returns the key itself, which is shown only this once.
 
     Raises:
@@ -122,6 +143,12 @@ def create(storage: Storage, path: str, key_id: str, rate_limit_per_s: float | N
     if rate_limit_per_s is not None and not rate_limit_per_s > 0:
         raise errors.ConfigError(
             f"--rate-limit must be a positive number of requests/s, not {rate_limit_per_s:g}",
+            "Omit it for no limit.",
+        )
+    if tokens_per_minute is not None and not tokens_per_minute > 0:
+        raise errors.ConfigError(
+            f"--tokens-per-minute must be a positive whole number of tokens, "
+            f"not {tokens_per_minute}",
             "Omit it for no limit.",
         )
     with _locked(storage, path):
@@ -138,6 +165,7 @@ def create(storage: Storage, path: str, key_id: str, rate_limit_per_s: float | N
                 sha256=digest(key),
                 created=time.time(),
                 rate_limit_per_s=rate_limit_per_s,
+                tokens_per_minute=tokens_per_minute,
             )
         )
         _write(storage, path, data)
@@ -169,8 +197,8 @@ def entries(storage: Storage, path: str) -> list[KeyEntry]:
 
 
 class Denied(Exception):
-    """A request without a valid key (401), over its key's rate (429), or while the keys
-    cannot be checked (503)."""
+    """A request without a valid key (401), over its key's rate or tokens (429), or while the
+    keys or limits cannot be checked (503)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
@@ -183,8 +211,8 @@ class KeyRing:
     Args:
         storage: The storage root.
         path: The key file under it.
-        shared: Limit rates cluster-wide through :class:`rate_limits.SharedLimiter` (replicas);
-            otherwise per process.
+        shared: Limit rates and tokens cluster-wide through :class:`rate_limits.SharedLimiter`
+            (replicas); otherwise per process.
         control_token: A credential that opens the status routes too (the cluster's own
             token, which the control plane holds), compared by digest like keys.
     """
@@ -216,6 +244,10 @@ class KeyRing:
             self._live, self._error = live, None
         self._loaded = time.monotonic()
 
+    def _fresh(self) -> None:
+        if time.monotonic() - self._loaded > RELOAD_EVERY_S:
+            self._reload()
+
     def authenticate(self, authorization: str | None, status: bool = False) -> KeyEntry | None:
         """The key entry of a request's ``Authorization`` header; None for the control token
         on a status route (``status``).
@@ -223,8 +255,7 @@ class KeyRing:
         Raises:
             Denied: No key, an unknown or revoked key (401), or an unreadable key file (503).
         """
-        if time.monotonic() - self._loaded > RELOAD_EVERY_S:
-            self._reload()
+        self._fresh()
         if self._error is not None:
             raise Denied(503, "keys_unavailable", f"API keys cannot be checked: {self._error}")
         scheme, _, key = (authorization or "").partition(" ")
@@ -275,6 +306,62 @@ class KeyRing:
         if not allowed:
             raise _limited(found.id, rate)
         return found.id
+
+    def _token_bucket(self, key_id: str) -> tuple[str, float, float, int] | None:
+        """Bucket name, refill per second, capacity and limit of a key's tokens/minute; None
+        for a key without that limit or not in the ring (the control token's ``"control"``, a
+        key revoked since)."""
+        self._fresh()
+        for entry in self._live:
+            if entry.id == key_id and entry.tokens_per_minute:
+                limit = entry.tokens_per_minute
+                return self._bucket_prefix + key_id, limit / 60, float(limit), limit
+        return None
+
+    async def admit_tokens(self, key_id: str) -> None:
+        """Refuse a request of ``key_id`` (from :meth:`admit`) while its tokens/minute bucket
+        is empty.
+
+        The bucket holds a minute's worth and refills at a sixtieth of it per second;
+        :meth:`charge_tokens` debits it after each request, below zero if need be, so a
+        request is never cut off and the next ones wait until the bucket is positive again.
+        With ``shared`` a replica goes by a view of the cluster's bucket up to
+        :data:`rate_limits.VIEW_TTL_S` old, which can let through about one request's worth
+        more per replica (see :class:`rate_limits.SharedLimiter`).
+
+        Raises:
+            Denied: The bucket is empty (429 ``token_limited``), or the shared limiter
+                unreachable (503).
+        """
+        bucket = self._token_bucket(key_id)
+        if bucket is None:
+            return
+        name, rate, capacity, limit = bucket
+        try:
+            balance = await (self._shared or self._local).balance(name, rate, capacity)
+        except rate_limits.Unavailable as exc:
+            raise Denied(503, "rate_limiter_unavailable", str(exc)) from None
+        if balance <= 0:
+            wait = max(1, math.ceil(-balance / rate))
+            raise Denied(
+                429,
+                "token_limited",
+                f"key '{key_id}' is limited to {limit} tokens/minute; retry in {wait} s",
+            )
+
+    async def charge_tokens(self, key_id: str, tokens: int) -> None:
+        """Debit ``tokens`` (prompt + output of a finished request) from ``key_id``'s
+        tokens/minute bucket; nothing for a key without that limit. Never raises: a debit
+        that fails is logged, and the request it was for has been served already.
+        """
+        try:
+            bucket = self._token_bucket(key_id)
+            if bucket is None or tokens <= 0:
+                return
+            name, rate, capacity, _ = bucket
+            await (self._shared or self._local).debit(name, rate, capacity, tokens)
+        except Exception as exc:  # the answer is sent; losing one debit beats a failed request
+            logger.warning("could not charge %d tokens to key '%s': %s", tokens, key_id, exc)
 
 
 def _limited(key_id: str, rate: float) -> Denied:

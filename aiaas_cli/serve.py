@@ -85,10 +85,22 @@ def keys() -> None:
 @keys.command("create")
 @click.argument("key_id", metavar="NAME")
 @click.option("--rate-limit", type=float, help="Requests per second for this key (429 above).")
+@click.option(
+    "--tokens-per-minute",
+    type=int,
+    metavar="N",
+    help="Prompt + output tokens a minute for this key on LLM apps (429 while used up).",
+)
 @flags.keys_file_option
 @flags.cluster_option
 @console.user_errors
-def create_key(key_id: str, rate_limit: float | None, keys_file: str, cluster_path: Path) -> None:
+def create_key(
+    key_id: str,
+    rate_limit: float | None,
+    tokens_per_minute: int | None,
+    keys_file: str,
+    cluster_path: Path,
+) -> None:
     """Create a key; it is printed once and only its hash is stored.
 
     Safe beside another create or revoke of the same file (a lock beside it, on a local
@@ -98,7 +110,7 @@ def create_key(key_id: str, rate_limit: float | None, keys_file: str, cluster_pa
     from aiaas.storage import Storage
 
     storage = Storage(target.load_cluster(cluster_path).storage_root)
-    key = api_keys.create(storage, keys_file, key_id, rate_limit)
+    key = api_keys.create(storage, keys_file, key_id, rate_limit, tokens_per_minute)
     click.echo(key)
     click.echo(
         f"Stored the hash of key '{key_id}' in {storage.path(keys_file)}; the key is not "
@@ -134,8 +146,10 @@ def list_keys(keys_file: str, cluster_path: Path) -> None:
     storage = Storage(target.load_cluster(cluster_path).storage_root)
     for entry in api_keys.entries(storage, keys_file):
         state = "revoked" if entry.revoked else "live"
-        limit = entry.rate_limit_per_s
-        click.echo(f"{entry.id:<24} {state:<8} {f'{limit:g}/s' if limit else 'no limit'}")
+        limits = [f"{entry.rate_limit_per_s:g}/s"] if entry.rate_limit_per_s else []
+        if entry.tokens_per_minute:
+            limits.append(f"{entry.tokens_per_minute} tokens/min")
+        click.echo(f"{entry.id:<24} {state:<8} {', '.join(limits) or 'no limit'}")
 
 
 def _print_status(cluster: ClusterConfig, only: list[str] | None = None) -> None:
