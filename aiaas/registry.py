@@ -31,6 +31,9 @@ READY_TAG = f"{LINEAGE_PREFIX}ready"
 FORMAT_TAG = f"{LINEAGE_PREFIX}format"
 #: SHA-256 of the artifact's manifest (see :mod:`aiaas.artifact_digests`), checked before loading.
 ARTIFACT_DIGEST_TAG = f"{LINEAGE_PREFIX}artifact_sha256"
+#: Where ``cluster up``'s MLflow server keeps artifacts under the storage root (its
+#: ``--artifacts-destination``): the files behind an ``mlflow-artifacts:/`` URI.
+ARTIFACT_STORE = ("mlflow", "artifacts")
 #: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
 FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers", "hf-causal-lm")
 
@@ -270,6 +273,13 @@ def with_runs(found: list[Version], uri: str | None = None) -> list[Version]:
     for version in found:
         _add_run(version, uri)
     return found
+
+
+def artifact_uri(version: Version, uri: str | None = None) -> str:
+    """Where the artifact store holds the version's files, as MLflow names them: an
+    ``mlflow-artifacts:/…`` URI behind ``cluster up``'s server (under :data:`ARTIFACT_STORE` of
+    the storage root), a local path, or an object store URI."""
+    return str(client(uri).get_model_version_download_uri(version.name, version.version))
 
 
 def _add_run(version: Version, uri: str | None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from aiaas import registry
 from aiaas.config.cluster import ClusterConfig
 from aiaas.storage import Storage
 from cluster import environment, processes, state
@@ -9,7 +10,7 @@ from cluster import environment, processes, state
 
 def start(config: ClusterConfig) -> state.NodeRecord:
     """Start ``mlflow server`` on 127.0.0.1 in a session of its own; returns its record."""
-    artifacts = Storage(config.storage_root).path("mlflow", "artifacts")
+    artifacts = Storage(config.storage_root).path(*registry.ARTIFACT_STORE)
     root = config.local_storage_root()
     if root is not None:
         (root / "mlflow").mkdir(parents=True, exist_ok=True)

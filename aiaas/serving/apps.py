@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 if TYPE_CHECKING:
     from ray.serve.schema import ServeApplicationSchema
@@ -81,6 +81,20 @@ class EmbeddingsArgs(AppArgs):
     threads: int = Field(1, ge=1, le=64, description="intra-op threads per replica")
 
 
+#: vLLM engine arguments ``engine: vllm`` sets from aiaas's own fields, and the field to use
+#: instead: one setting has one place (``aiaas.serving.vllm_engine`` writes them).
+VLLM_SET_BY_AIAAS = {
+    "model": "models[].model",
+    "served_model_name": "models[].name",
+    "tensor_parallel_size": "vllm.tensor_parallel_size",
+    "pipeline_parallel_size": "vllm.pipeline_parallel_size",
+    "gpu_memory_utilization": "vllm.gpu_memory_utilization",
+    "dtype": "vllm.dtype",
+    "max_model_len": "max_context_tokens",
+    "max_num_seqs": "max_running",
+}
+
+
 class VLLMOptions(BaseModel):
     """What ``engine: vllm`` passes on to Ray Serve LLM (GPU nodes with vLLM installed)."""
 
@@ -98,6 +112,19 @@ class VLLMOptions(BaseModel):
     engine_kwargs: dict[str, object] = Field(
         default_factory=dict, description="more vLLM engine arguments, passed as they are"
     )
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _not_set_by_aiaas(cls, value: dict[str, object]) -> dict[str, object]:
+        taken = [
+            f"'{key}' is set by {field}" for key, field in VLLM_SET_BY_AIAAS.items() if key in value
+        ]
+        generation = value.get("override_generation_config")
+        if isinstance(generation, dict) and "max_new_tokens" in generation:
+            taken.append("'override_generation_config.max_new_tokens' is set by default_max_tokens")
+        if taken:
+            raise ValueError(f"{'; '.join(taken)}: set those fields instead")
+        return value
 
 
 class LLMArgs(AppArgs):
@@ -148,6 +175,19 @@ class LLMArgs(AppArgs):
     vllm: VLLMOptions = Field(
         default_factory=VLLMOptions, description="engine: vllm only (Ray Serve LLM's LLMConfig)"
     )
+
+    @field_validator("api_keys_file")
+    @classmethod
+    def _keys_need_our_server(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # Ray Serve LLM's OpenAI ingress checks no keys: accepting the file would serve the
+        # models to anyone while the config says they are protected.
+        if value is not None and info.data.get("engine") == "vllm":
+            raise ValueError(
+                "engine: vllm serves through Ray Serve LLM's ingress, which checks no API keys; "
+                "use engine: transformers, or drop api_keys_file and authenticate in front of "
+                "Serve"
+            )
+        return value
 
 
 @dataclass(frozen=True)
