@@ -439,5 +439,8 @@ def build_app(args: Args) -> serve.Application:
     if args.engine == "vllm":
         from aiaas.serving import vllm_engine
 
-        return vllm_engine.build_app(args)
+        # Resolved once, when the app is built: Ray Serve LLM's replicas take a fixed source,
+        # so a promotion reaches a vLLM app by deploying it again (aiaas models promote does).
+        versions = {m.name: registry.resolve(registry.parse_ref(m.model)) for m in args.models}
+        return vllm_engine.build_app(args, versions)
     return LLMServer.bind(args)  # type: ignore[attr-defined]
