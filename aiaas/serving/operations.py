@@ -73,6 +73,7 @@ def deploy(
             kept = {"http_options": details.http_options, "proxy_location": details.proxy_location}
             base = wanted.model_copy(update={k: v for k, v in kept.items() if v is not None})
         merged = {**previous, **{app.name: app for app in resolved}}
+        _check_routes(path, merged, names)
         plane.put(base.model_copy(update={"applications": list(merged.values())}))
         try:
             plane.wait_healthy(names, timeout_s)
@@ -82,13 +83,33 @@ def deploy(
     return names
 
 
+def _check_routes(path: Path, merged: dict[str, ServeApplicationSchema], names: list[str]) -> None:
+    """Refuse two apps on one route prefix before Serve does (its error names neither app's
+    file nor the way out)."""
+    owners: dict[str, str] = {}
+    for name, app in merged.items():
+        prefix = (app.route_prefix or "/").rstrip("/") or "/"
+        other = owners.setdefault(prefix, name)
+        if other != name:
+            new, running = (name, other) if name in names else (other, name)
+            raise errors.ConfigError(
+                f"{path}: app '{new}' wants route prefix {prefix}, which app '{running}' holds",
+                f"Give one of them another route_prefix (beside the LLM app at /v1, the "
+                f"embeddings app works at /v1/embeddings: configs/serve/demo.yaml), or "
+                f"delete it first: aiaas serve delete {running}",
+            )
+
+
 def _pinned(path: Path, app: ServeApplicationSchema, uri: str | None) -> ServeApplicationSchema:
     """The app with each of its models' versions resolved and pinned whole."""
     kind = apps.kind_of(app)
     if kind is None:
         return app
+    args = kind.args_of(app)
+    if isinstance(args, apps.LLMArgs) and args.engine == "vllm":
+        return app  # Ray Serve LLM's deployments take no pins: versions resolve at build
     found: dict[str, registry.Version | str] = {}
-    for entry in kind.args_of(app).models:
+    for entry in args.models:
         where = f"{path}: app '{app.name}', model '{entry.name}'"
         try:
             version = registry.resolve(registry.parse_ref(entry.model), uri)
@@ -99,8 +120,9 @@ def _pinned(path: Path, app: ServeApplicationSchema, uri: str | None) -> ServeAp
                 f"{where}: {version.name}:{version.version} is a '{version.format}' model, "
                 f"which {app.import_path} does not serve (it serves "
                 f"{', '.join(kind.formats)})",
-                f"Serve embedding models with {apps.EMBEDDINGS.import_path} and "
-                f"classifiers with {apps.MODEL_SERVER.import_path}.",
+                f"Serve embedding models with {apps.EMBEDDINGS.import_path}, language "
+                f"models with {apps.LLM.import_path} and classifiers with "
+                f"{apps.MODEL_SERVER.import_path}.",
             )
         found[entry.name] = version
     return pins.pin(app, kind.deployment, found)

@@ -240,3 +240,17 @@ def test_delete_keeps_the_other_apps(
     with pytest.raises(errors.ConfigError) as caught:
         serving.delete(cluster, "nope")
     assert caught.value.message == "no Serve app 'nope' (apps: digits)"
+
+
+def test_an_app_on_a_running_apps_route_prefix_is_refused_before_serve_sees_it(
+    serve: tuple[ServeDouble, ClusterConfig], fake_registry: FakeRegistry, tmp_path: Path
+) -> None:
+    double, cluster = serve
+    double.apply({"applications": [{**OTHER_APP, "route_prefix": "/v1/models"}]})
+    with pytest.raises(errors.ConfigError) as refused:
+        serving.deploy(cluster, DIGITS, timeout_s=5)
+    assert "app 'digits' wants route prefix /v1/models, which app 'other' holds" in str(
+        refused.value.message
+    )
+    assert "aiaas serve delete other" in refused.value.hint
+    assert double.puts == []
