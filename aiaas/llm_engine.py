@@ -21,7 +21,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ class Engine:
         self.limits = limits
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, device_map=device)
         config = model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
         self.parameters = sum(p.numel() for p in model.parameters())
@@ -130,7 +130,7 @@ class Engine:
         status = self._manager.background_thread_status
         return self._manager.is_running() and status.fatal_error is None
 
-    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncIterator[list[int]]:
+    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncGenerator[list[int]]:
         """Yield the request's new token ids as the engine produces them (usually one at a
         time), until it ends; closing the iterator early cancels the request in the engine.
 

@@ -22,7 +22,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +49,7 @@ logger = logging.getLogger("ray.serve")
 
 #: The app's arguments (the ``args:`` of its entry in a Serve config file), owned by the library.
 Args = serving_apps.LLMArgs
+RETIRE_GRACE_S = 2.0
 
 
 @dataclass
@@ -133,6 +134,9 @@ class LLMServer:
                 task.add_done_callback(self.retiring.discard)
 
     async def _retire(self, old: Loaded) -> None:
+        # A request that chose the old version just before the swap starts its generation a
+        # moment later (a stream, when its response starts): give it that moment first.
+        await asyncio.sleep(RETIRE_GRACE_S)
         deadline = time.monotonic() + self.args.request_timeout_s
         while old.streams > 0 and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
@@ -289,7 +293,7 @@ class LLMServer:
         arrived: float,
         key: str | None,
         tally: Tally,
-    ) -> AsyncIterator[tuple[str, str | None]]:
+    ) -> AsyncGenerator[tuple[str, str | None]]:
         """Yield ``(text, finish_reason)`` as text is ready (``tally`` counting the tokens); the
         last item carries the finish reason. Closing it early (a client gone) cancels the
         engine's request."""
@@ -364,7 +368,7 @@ class LLMServer:
 
     async def _events(
         self,
-        generation: AsyncIterator[tuple[str, str | None]],
+        generation: AsyncGenerator[tuple[str, str | None]],
         tally: Tally,
         kind: str,
         request_id: str,

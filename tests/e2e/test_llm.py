@@ -169,6 +169,32 @@ def test_eight_concurrent_streams_share_the_batch_and_get_their_own_counts(llm: 
     assert most_running >= 2, most_running
 
 
+def test_the_replicas_export_ttft_tokens_and_sequences_per_model_and_version(llm: LLM) -> None:
+    ports = [node["metrics_export_port"] for node in llm.cluster.state()["nodes"]]
+    wanted = {
+        "ray_aiaas_llm_time_to_first_token_ms_bucket",
+        "ray_aiaas_llm_inter_token_latency_ms_bucket",
+        "ray_aiaas_llm_output_tokens_total",
+        "ray_aiaas_llm_prompt_tokens_total",
+        "ray_aiaas_llm_running_sequences",
+        "ray_aiaas_llm_requests_total",
+    }
+    deadline = time.monotonic() + 90  # Ray exports every few seconds, later on a busy machine
+    while True:
+        text = "".join(
+            httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text for port in ports
+        )
+        found = {
+            line.split("{", 1)[0]
+            for line in text.splitlines()
+            if 'model="smollm2"' in line and 'version="1"' in line
+        }
+        if wanted <= found:
+            break
+        assert time.monotonic() < deadline, sorted(wanted - found)
+        time.sleep(3)
+
+
 def test_a_client_that_disconnects_stops_its_generation(llm: LLM) -> None:
     body = {"model": MODEL, "messages": LONG, "max_tokens": 2000, "stream": True}
     with httpx.stream("POST", f"{llm.url}/v1/chat/completions", json=body, timeout=60) as response:

@@ -71,3 +71,83 @@ def test_a_source_that_is_no_causal_lm_is_refused() -> None:
     assert str(caught.value).startswith(
         "--from /nonexistent/model: no GGUF file, causal LM directory or package holding one"
     )
+
+
+@pytest.fixture(scope="module")
+def engine(imported: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The imported version in the LLM app's engine, with room for 2 running and 1 queued."""
+    from aiaas import llm_engine
+
+    uri, version = imported
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_TRACKING_URI", uri)
+        patch.setenv("AIAAS_MODEL_CACHE", str(tmp_path_factory.mktemp("cache")))
+        directory = causal_lm.local_directory(version)
+    running = llm_engine.Engine(directory, llm_engine.Limits(2, 1, 2048, 128))
+    running.warm_up()
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def _generate(
+    engine: Any, prompt: list[int], tokens: int, stop_after: int | None = None
+) -> list[int]:
+    import asyncio
+
+    from aiaas import llm_engine
+
+    async def run() -> list[int]:
+        out: list[int] = []
+        stream = engine.generate(prompt, llm_engine.Sampling(tokens, 0.0))
+        async for new in stream:
+            out += new
+            if stop_after is not None and len(out) >= stop_after:
+                await stream.aclose()
+                break
+        return out
+
+    return asyncio.run(run())
+
+
+def test_the_engine_answers_greedily_and_stops_at_the_end_of_its_turn(engine: Any) -> None:
+    prompt = engine.chat_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    out = _generate(engine, prompt, 40)
+    assert out[-1] in engine.eos_ids and len(out) < 40
+    assert "Paris" in engine.tokenizer.decode(out, skip_special_tokens=True)
+    assert _generate(engine, prompt, 40) == out  # temperature 0 is greedy: the same tokens
+
+
+def test_requests_share_the_batch_queue_and_are_refused_past_the_limits(engine: Any) -> None:
+    import asyncio
+
+    from aiaas import llm_engine
+
+    prompt = engine.text_prompt("Once upon a time")
+
+    async def run() -> tuple[list[int], list[Any]]:
+        async def one(tokens: int) -> int:
+            count = 0
+            async for new in engine.generate(prompt, llm_engine.Sampling(tokens, 0.0)):
+                count += len(new)
+            return count
+
+        tasks = [asyncio.create_task(one(n)) for n in (6, 9, 12)]  # 2 running, 1 queued
+        await asyncio.sleep(0)
+        refused = await asyncio.gather(one(3), return_exceptions=True)
+        return list(await asyncio.gather(*tasks)), refused
+
+    counts, refused = asyncio.run(run())
+    assert counts == [6, 9, 12]
+    assert isinstance(refused[0], llm_engine.Overloaded)
+    assert (engine.admitted, engine.running) == (0, 0)
+
+
+def test_closing_a_stream_cancels_its_request_in_the_engine(engine: Any) -> None:
+    prompt = engine.chat_prompt([{"role": "user", "content": "Write a long story about a dragon."}])
+    assert len(_generate(engine, prompt, 500, stop_after=3)) >= 3
+    assert (engine.admitted, engine.running) == (0, 0)
+    # The engine keeps serving; the cancelled request left nothing behind in it.
+    assert len(_generate(engine, prompt, 4)) == 4
+    assert not engine._manager.output_router.result_handlers
