@@ -15,6 +15,7 @@ BENCHMARKS = [
     "bench.training_loop",
     "bench.training_scale",
     "bench.jobs",
+    "bench.llm",
 ]
 
 

