@@ -1,5 +1,8 @@
 """Prepared data sets: train/validation/test Parquet splits plus a schema with a fingerprint.
 
+Tables (features and a label) are prepared here; chat sources (conversations tokenized for a
+language model) by :mod:`aiaas.chat_datasets`, in the same layout.
+
 Layout under the storage root::
 
     datasets/<name>/schema.json
@@ -12,24 +15,34 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 from pydantic import BaseModel
 
 from aiaas import errors
-from aiaas.config.dataset import DatasetConfig, DigitsSource, FileSource, GeneratedSource
+from aiaas.config.dataset import (
+    ChatSource,
+    DatasetConfig,
+    DigitsSource,
+    FileSource,
+    GeneratedSource,
+)
 from aiaas.storage import Storage
 
 if TYPE_CHECKING:
     import pandas as pd
+    from pyarrow import fs as pafs
+
+    from aiaas.chat_datasets import ChatDatasetSchema
 
 SPLITS = ("train", "validation", "test")
 
 
 class DatasetSchema(BaseModel):
-    """What a training job needs to know about a prepared data set."""
+    """What a training job needs to know about a prepared table data set."""
 
+    kind: Literal["table"] = "table"  # schemas written before chat data sets have no kind
     name: str
     features: list[str]
     label: str
@@ -53,7 +66,24 @@ def split_path(storage: Storage, name: str, split: str) -> str:
 
 
 def load_schema(storage: Storage, name: str) -> DatasetSchema:
-    """The schema of a prepared data set.
+    """The schema of a prepared table data set (chat ones: :mod:`aiaas.chat_datasets`).
+
+    Raises:
+        ConfigError: The data set was never prepared under this storage root, or it is a chat
+            data set.
+    """
+    text = read_schema_text(storage, name)
+    if json.loads(text).get("kind", "table") != "table":
+        raise errors.ConfigError(
+            f"data set '{name}' is a chat data set (token ids of conversations), not a table",
+            "Train configs need a table data set; fine-tune a language model on it with: "
+            "aiaas finetune CONFIG",
+        )
+    return DatasetSchema.model_validate_json(text)
+
+
+def read_schema_text(storage: Storage, name: str) -> str:
+    """The schema file of a prepared data set of any kind.
 
     Raises:
         ConfigError: The data set was never prepared under this storage root.
@@ -64,15 +94,22 @@ def load_schema(storage: Storage, name: str) -> DatasetSchema:
             f"data set '{name}' is not prepared under {storage.root}",
             f"Prepare it first: aiaas data prepare configs/data/{name}.yaml",
         )
-    return DatasetSchema.model_validate_json(text)
+    return text
 
 
-def prepare(config: DatasetConfig, storage: Storage) -> DatasetSchema:
+def prepare(config: DatasetConfig, storage: Storage) -> DatasetSchema | ChatDatasetSchema:
     """Read or generate the rows, check them, split them and write Parquet and the schema.
 
+    Chat sources are tokenized by :func:`aiaas.chat_datasets.prepare`.
+
     Raises:
-        ConfigError: The source is missing or its rows do not fit (no label, NaN, text features).
+        ConfigError: The source is missing or its rows do not fit (no label, NaN, text features;
+            for chat sources, bad JSONL lines or conversations longer than max_seq_len).
     """
+    if isinstance(config.source, ChatSource):
+        from aiaas import chat_datasets
+
+        return chat_datasets.prepare(config, storage)
     frame, class_names, shape = _rows(config)
     label = config.label
     if label not in frame.columns:
@@ -91,19 +128,12 @@ def prepare(config: DatasetConfig, storage: Storage) -> DatasetSchema:
     frame[label] = frame[label].astype("int64")
     order = np.random.default_rng(config.seed).permutation(len(frame))
     frame = frame.iloc[order].reset_index(drop=True)
-    cut_train = int(len(frame) * config.splits.train)
-    cut_val = cut_train + int(len(frame) * config.splits.validation)
+    cut_train, cut_val = split_counts(len(frame), config)
     parts = {
         "train": frame.iloc[:cut_train],
         "validation": frame.iloc[cut_train:cut_val],
         "test": frame.iloc[cut_val:],
     }
-    for split, part in parts.items():
-        if len(part) == 0:
-            raise errors.ConfigError(
-                f"the {split} split of '{config.name}' is empty ({len(frame)} rows in all)",
-                "Use more rows or larger split fractions.",
-            )
     digest = hashlib.sha256()
     for split in SPLITS:
         _write_split(storage, config, split, parts[split], digest)
@@ -121,6 +151,40 @@ def prepare(config: DatasetConfig, storage: Storage) -> DatasetSchema:
     )
     storage.write_text(schema_path(config.name), schema.model_dump_json(indent=2))
     return schema
+
+
+def split_counts(total: int, config: DatasetConfig) -> tuple[int, int]:
+    """Where the train and validation splits end in ``total`` shuffled rows.
+
+    Raises:
+        ConfigError: A split would be empty.
+    """
+    cut_train = int(total * config.splits.train)
+    cut_val = cut_train + int(total * config.splits.validation)
+    for split, count in zip(SPLITS, (cut_train, cut_val - cut_train, total - cut_val), strict=True):
+        if count == 0:
+            raise errors.ConfigError(
+                f"the {split} split of '{config.name}' is empty ({total} rows in all)",
+                "Use more rows or larger split fractions.",
+            )
+    return cut_train, cut_val
+
+
+def fresh_split(storage: Storage, name: str, split: str) -> tuple[pafs.FileSystem, str]:
+    """An empty directory for one split's Parquet files, and the filesystem it is on."""
+    from pyarrow import fs as pafs
+
+    directory = split_path(storage, name, split)
+    filesystem, base = (
+        pafs.FileSystem.from_uri(directory)
+        if "://" in directory
+        else (pafs.LocalFileSystem(), directory)
+    )
+    # Replace the split whole: a re-prepare must not mix old and new files.
+    if filesystem.get_file_info(base).type != pafs.FileType.NotFound:
+        filesystem.delete_dir(base)
+    filesystem.create_dir(base, recursive=True)
+    return filesystem, base
 
 
 def _rows(config: DatasetConfig) -> tuple[pd.DataFrame, list[str], list[int] | None]:
@@ -150,6 +214,7 @@ def _rows(config: DatasetConfig) -> tuple[pd.DataFrame, list[str], list[int] | N
         frame = pd.DataFrame(x.astype("float32"), columns=[f"f{i}" for i in range(source.features)])
         frame[config.label] = y
         return frame, [str(i) for i in range(source.classes)], None
+    assert isinstance(source, FileSource)  # chat sources never reach here (see prepare)
     return _read_files(source), [], None
 
 
@@ -208,18 +273,8 @@ def _write_split(
 ) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from pyarrow import fs as pafs
 
-    directory = split_path(storage, config.name, split)
-    filesystem, base = (
-        pafs.FileSystem.from_uri(directory)
-        if "://" in directory
-        else (pafs.LocalFileSystem(), directory)
-    )
-    # Replace the split whole: a re-prepare must not mix old and new files.
-    if filesystem.get_file_info(base).type != pafs.FileType.NotFound:
-        filesystem.delete_dir(base)
-    filesystem.create_dir(base, recursive=True)
+    filesystem, base = fresh_split(storage, config.name, split)
     for index, start in enumerate(range(0, len(part), config.rows_per_file)):
         chunk = part.iloc[start : start + config.rows_per_file]
         table = pa.Table.from_pandas(chunk, preserve_index=False)

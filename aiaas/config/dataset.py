@@ -1,11 +1,21 @@
-"""``kind: dataset`` — where a data set comes from and how it is split into Parquet."""
+"""``kind: dataset`` — where a data set comes from and how it is split into Parquet; for chat
+sources, also which tokenizer and chat template turn conversations into tokens."""
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated, Literal
 
-from pydantic import Field, NonNegativeInt, PositiveInt, model_validator
+from pydantic import (
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
+from aiaas import errors, model_ref, skills
 from aiaas.config.base import ConfigModel, Name
 
 
@@ -46,7 +56,50 @@ class FileSource(ConfigModel):
     )
 
 
-Source = Annotated[DigitsSource | GeneratedSource | FileSource, Field(discriminator="type")]
+class ChatSource(ConfigModel):
+    """Chat conversations (OpenAI-style ``messages``): a JSONL file, or a skill of
+    :mod:`aiaas.skills` generated here."""
+
+    type: Literal["chat"] = Field(description="always 'chat'")
+    path: str | None = Field(
+        None,
+        description='a .jsonl file, one {"messages": [{"role": ..., "content": ...}, ...]} '
+        "per line, each ending with the assistant's answer",
+    )
+    generator: str | None = Field(
+        None, description=f"a skill to generate instead of a file: {', '.join(skills.SKILLS)}"
+    )
+    rows: PositiveInt | None = Field(
+        None, description="generated conversations in all splits together (generator only)"
+    )
+
+    @field_validator("generator")
+    @classmethod
+    def _known_skill(cls, value: str | None) -> str | None:
+        if value is not None and value not in skills.SKILLS:
+            close = difflib.get_close_matches(value, skills.SKILLS, n=1)
+            guess = f"did you mean '{close[0]}'? " if close else ""
+            raise ValueError(
+                f"unknown skill '{value}'; {guess}skills: {', '.join(sorted(skills.SKILLS))}"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _file_or_generator(self) -> ChatSource:
+        if (self.path is None) == (self.generator is None):
+            raise ValueError(
+                "set exactly one of 'path' (a JSONL file) and 'generator' (a skill to generate)"
+            )
+        if self.generator is not None and self.rows is None:
+            raise ValueError(f"generator '{self.generator}' needs 'rows', e.g. rows: 800")
+        if self.path is not None and self.rows is not None:
+            raise ValueError("'rows' is for generators; a file's rows are its lines: remove it")
+        return self
+
+
+Source = Annotated[
+    DigitsSource | GeneratedSource | FileSource | ChatSource, Field(discriminator="type")
+]
 
 
 class Splits(ConfigModel):
@@ -78,3 +131,65 @@ class DatasetConfig(ConfigModel):
     rows_per_file: PositiveInt = Field(
         200_000, description="rows per Parquet file; files are Ray Data's unit of parallelism"
     )
+    tokenizer: str | None = Field(
+        None,
+        description="chat sources: the causal LM whose tokenizer and chat template tokenize the "
+        "conversations, a registry reference (smollm2@production, smollm2:1) or a local "
+        "Hugging Face directory (a path with '/')",
+    )
+    max_seq_len: Annotated[int, Field(ge=16, le=131_072)] = Field(
+        256, description="chat sources: tokens per row; shorter rows are padded to it"
+    )
+    packing: bool = Field(
+        False,
+        description="chat sources: pack several conversations into each train row (restarting "
+        "position_ids at each); validation and test stay one conversation per row",
+    )
+    truncate: bool = Field(
+        False,
+        description="chat sources: cut conversations longer than max_seq_len instead of "
+        "refusing them (the cut loses the end of the answer)",
+    )
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_for_chat(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # With a wrong source, whether a tokenizer belongs here is unknown; its syntax is not.
+        if "source" in info.data:
+            chat = isinstance(info.data["source"], ChatSource)
+            if chat and value is None:
+                raise ValueError(
+                    "a chat source needs a tokenizer: a causal LM of the registry "
+                    "(e.g. smollm2@production) or a Hugging Face directory"
+                )
+            if not chat and value is not None:
+                raise ValueError("only chat sources are tokenized; remove 'tokenizer'")
+        if value is not None and not is_directory_reference(value):
+            try:
+                model_ref.parse_ref(value)
+            except errors.ConfigError:
+                raise ValueError(
+                    f"'{value}' is neither a model reference (NAME, NAME:VERSION, NAME@ALIAS, "
+                    "e.g. smollm2@production) nor a directory (a path with '/')"
+                ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _chat_fields_for_chat(self) -> DatasetConfig:
+        chat_only = {"max_seq_len", "packing", "truncate"} & self.model_fields_set
+        if chat_only and not isinstance(self.source, ChatSource):
+            raise ValueError(
+                f"{', '.join(sorted(chat_only))}: only chat sources are tokenized; remove "
+                f"{'it' if len(chat_only) == 1 else 'them'}"
+            )
+        if isinstance(self.source, ChatSource) and "label" in self.model_fields_set:
+            raise ValueError(
+                "'label' names a table's label column; a chat source's labels are its "
+                "assistant turns: remove it"
+            )
+        return self
+
+
+def is_directory_reference(tokenizer: str) -> bool:
+    """True when ``tokenizer`` names a local directory rather than a registry version."""
+    return "/" in tokenizer or tokenizer.startswith(("~", "."))

@@ -162,7 +162,7 @@ def format_problems(
     lines = []
     for error in exc.errors(include_url=False):
         loc = tuple(error["loc"])
-        lines.append(f"  • {_where(loc, node)}: {_message(error, loc, model)}")
+        lines.append(f"  • {_where(_without_tags(loc, node), node)}: {_message(error, loc, model)}")
     count = len(lines)
     header = f"{path}: not a valid {what} config ({count} problem{'s' if count != 1 else ''}):"
     return "\n".join([header, *lines])
@@ -231,6 +231,26 @@ def _where(loc: tuple[Any, ...], node: yaml.Node | None) -> str:
     return f"{text} (line {line})" if line else text
 
 
+def _without_tags(loc: tuple[Any, ...], node: yaml.Node | None) -> tuple[Any, ...]:
+    # pydantic names the member of a tagged union in the location (source.chat.path); the user
+    # wrote source.path with type: chat. A part that is no key of its mapping but the value of
+    # the mapping's 'type' is such a tag.
+    kept: list[Any] = []
+    current = node
+    for part in loc:
+        if isinstance(current, yaml.MappingNode) and isinstance(part, str):
+            values = {getattr(key, "value", None): value for key, value in current.value}
+            if part not in values and getattr(values.get("type"), "value", None) == part:
+                continue
+            current = values.get(part)
+        elif isinstance(current, yaml.SequenceNode) and isinstance(part, int):
+            current = current.value[part] if part < len(current.value) else None
+        else:
+            current = None
+        kept.append(part)
+    return tuple(kept)
+
+
 def _line_of(loc: tuple[Any, ...], node: yaml.Node | None) -> int | None:
     current = node
     for part in loc:
@@ -285,6 +305,11 @@ def _fields_at(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]
 
 
 def _step_into(annotation: Any, part: Any) -> Any:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and isinstance(part, str):
+        for member in typing.get_args(annotation):  # a tagged union's member, named by its tag
+            tag = getattr(member, "model_fields", {}).get("type")
+            if tag is not None and part in typing.get_args(tag.annotation):
+                return member
     model = _model_in(annotation)
     if model is not None and isinstance(part, str):
         field = model.model_fields.get(part)
