@@ -8,9 +8,8 @@ asyncio — a request is an async iterator of new token ids — and adds what a 
 engine does not do: admission limits (running + queued → 503), cancellation that also drops the
 result handler (a cancelled request delivers nothing more), and counts for the metrics.
 
-Sampling: one engine samples for the whole batch, so a per-request ``seed`` cannot choose its own
-random stream; ``temperature: 0`` is greedy (a temperature so small that the softmax is one-hot,
-because the engine's ``do_sample`` is one switch for the batch), and is deterministic.
+Sampling is ours (:mod:`aiaas.llm_sampling`): the engine runs greedy, and one processor samples
+only the rows that ask for it, each from its own seeded random stream.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from typing import Any
 
 logger = logging.getLogger("ray.serve")
 
-#: What ``temperature: 0`` becomes: logits scaled by 10^5 make the softmax one-hot on the argmax.
-GREEDY_TEMPERATURE = 1e-5
+#: torch generators take seeds below 2^64; OpenAI's are any integer.
+SEEDS = 2**63
 PAGE_TOKENS = 256
 
 
@@ -48,6 +47,7 @@ class Sampling:
     max_new_tokens: int
     temperature: float = 1.0
     top_p: float = 1.0
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +74,8 @@ class Engine:
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
+        from aiaas import llm_sampling
+
         self.limits = limits
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -85,18 +87,14 @@ class Engine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         self.eos_ids = frozenset([eos] if isinstance(eos, int) else list(eos or []))
-        # Temperature and top-p unlike 1.0 here make the engine build their per-request
-        # processors; every request then sends its own values.
+        # Greedy for the engine (its argmax): our sampler samples the rows that ask for it.
         generation = GenerationConfig(
-            do_sample=True,
-            temperature=0.5,
-            top_p=0.5,
+            do_sample=False,
             max_new_tokens=16,
             eos_token_id=sorted(self.eos_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
         )
         batching = ContinuousBatchingConfig(
-            per_request_processors=True,
             page_size=PAGE_TOKENS,
             num_blocks=max(2, math.ceil(limits.kv_cache_tokens / PAGE_TOKENS)),
             max_batch_tokens=limits.prefill_chunk_tokens,
@@ -105,6 +103,9 @@ class Engine:
         self._manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
         )
+        self.sampler = llm_sampling.Sampler()
+        # Before start(): the loop's batch processor takes the list when it is created.
+        self._manager.logit_processor = self.sampler.processors()
         self._manager.start()
         self._ids = itertools.count()
         self.admitted = 0  # requests inside the engine: queued or generating
@@ -145,7 +146,6 @@ class Engine:
         request_id = f"aiaas-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
-        temperature = sampling.temperature if sampling.temperature > 0 else GREEDY_TEMPERATURE
         self.admitted += 1
         started = finished = False
         try:
@@ -154,8 +154,9 @@ class Engine:
                 request_id=request_id,
                 max_new_tokens=sampling.max_new_tokens,
                 streaming=True,
-                temperature=float(temperature),
+                temperature=float(sampling.temperature),
                 top_p=float(sampling.top_p),
+                **({"seed": sampling.seed % SEEDS} if sampling.seed is not None else {}),
             )
             sent = 0
             while True:
@@ -174,6 +175,7 @@ class Engine:
                     finished = True
                     return
         finally:
+            self.sampler.forget(request_id)
             self.admitted -= 1
             if started:
                 self.running -= 1

@@ -281,7 +281,8 @@ class LLMServer:
                 field,
             )
         wanted = limit if limit is not None else min(self.args.default_max_tokens, room)
-        return prompt, llm_engine.Sampling(wanted, parsed.temperature, parsed.top_p), stops
+        sampling = llm_engine.Sampling(wanted, parsed.temperature, parsed.top_p, parsed.seed)
+        return prompt, sampling, stops
 
     async def _generate(
         self,

@@ -151,3 +151,27 @@ def test_closing_a_stream_cancels_its_request_in_the_engine(engine: Any) -> None
     # The engine keeps serving; the cancelled request left nothing behind in it.
     assert len(_generate(engine, prompt, 4)) == 4
     assert not engine._manager.output_router.result_handlers
+
+
+def test_a_seed_repeats_a_sampled_answer_and_top_p_1e_9_is_greedy(engine: Any) -> None:
+    import asyncio
+
+    from aiaas import llm_engine
+
+    prompt = engine.chat_prompt([{"role": "user", "content": "Tell me about cats."}])
+
+    def sample(seed: int | None, top_p: float = 1.0) -> list[int]:
+        async def run() -> list[int]:
+            out: list[int] = []
+            async for new in engine.generate(prompt, llm_engine.Sampling(12, 1.2, top_p, seed)):
+                out += new
+            return out
+
+        return asyncio.run(run())
+
+    greedy = _generate(engine, prompt, 12)
+    assert sample(7) == sample(7)  # the request's own random stream
+    assert len({tuple(sample(seed)) for seed in range(4)}) > 1
+    # A nucleus of one token is the most likely token: greedy, however hot.
+    assert sample(None, 1e-9) == greedy
+    assert not engine.sampler._generators  # every finished request's generator is dropped
