@@ -9,6 +9,9 @@ library's own OpenAI server. The same 8 chat prompts everywhere, greedy, 64 new 
 One thing on the 2 cores at a time: the cluster first (import, deploy, 1 client then 8
 concurrent streams), and only once it is down the app's own engine in this process (which
 splits the engine from Serve and HTTP), the in-process references and transformers serve.
+
+Over ~400 lines on purpose, as ``bench/serving.py``: one run whose five targets share the
+prompts, the stream records and the notes that split the time between them.
 """
 
 from __future__ import annotations
