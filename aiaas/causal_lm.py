@@ -203,6 +203,45 @@ def import_model(model_name: str, source: str) -> registration.Registered:
     )
 
 
+#: The tokenizer's files a causal LM directory carries beside the weights.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+
+
+def register_trained(
+    run_id: str,
+    model_name: str,
+    model_directory: Path,
+    tokenizer_directory: Path,
+    tags: dict[str, str],
+) -> registration.Registered:
+    """Register a causal LM trained in a run (a full fine-tune): the model's directory with the
+    base's tokenizer files, as a version servable like an imported one."""
+    import shutil
+
+    import transformers
+
+    def save(directory: Path, mlflow_model: object) -> None:
+        shutil.copytree(model_directory, directory / DATA)
+        for name in TOKENIZER_FILES:
+            if (tokenizer_directory / name).is_file():
+                shutil.copyfile(tokenizer_directory / name, directory / DATA / name)
+        mlflow_model.add_flavor(  # type: ignore[attr-defined]
+            "aiaas", format=FORMAT, data=DATA, transformers_version=transformers.__version__
+        )
+        mlflow_model.save(str(directory / "MLmodel"))  # type: ignore[attr-defined]
+
+    registry.client()
+    number, manifest = registration.log_sealed(
+        run_id, model_name, registration.Sealed("aiaas.causal_lm", save)
+    )
+    return registration.finish(model_name, number, run_id, tags, FORMAT, manifest)
+
+
 def local_directory(version: registry.Version) -> Path:
     """The version's Hugging Face directory on this machine, checked against its manifest."""
     from aiaas import artifacts

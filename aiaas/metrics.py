@@ -139,16 +139,27 @@ LLM_WAITING = Metric(
     ("model", "version"),
 )
 
-# Training: rank 0 of each Ray Train run (jobs/train.py), once per epoch.
+# Training: rank 0 of each Ray Train run, once per epoch (jobs/train.py) or per eval and
+# checkpoint step (jobs/finetune.py: loss splits train, validation and validation_base).
 TRAIN_SAMPLES_PER_S = Metric(
     "aiaas_train_samples_per_second",
     "gauge",
     "Training rows per second over the last epoch, all workers together.",
     ("run", "model"),
 )
+TRAIN_TOKENS_PER_S = Metric(
+    "aiaas_train_tokens_per_second",
+    "gauge",
+    "Tokens per second since the last report of a fine-tuning run, all workers together.",
+    ("run", "model"),
+)
 TRAIN_EPOCH = Metric("aiaas_train_epoch", "gauge", "The last finished epoch.", ("run", "model"))
 TRAIN_LOSS = Metric(
-    "aiaas_train_loss", "gauge", "Mean loss of the last epoch.", ("run", "model", "split")
+    "aiaas_train_loss",
+    "gauge",
+    "Mean loss of the last epoch (fine-tuning: of the last report; validation_base is the base "
+    "model's).",
+    ("run", "model", "split"),
 )
 TRAIN_ACCURACY = Metric(
     "aiaas_train_accuracy", "gauge", "Accuracy of the last epoch.", ("run", "model", "split")
@@ -165,7 +176,7 @@ TRAIN_CHECKPOINT_SECONDS = Metric(
 JOBS = Metric(
     "aiaas_jobs",
     "gauge",
-    "Ray jobs of this cluster by aiaas kind (train, tune, optimize, other) and status.",
+    "Ray jobs of this cluster by aiaas kind (train, tune, finetune, optimize, other) and status.",
     ("kind", "status"),
 )
 SERVE_REPLICAS = Metric(

@@ -26,8 +26,9 @@ def lineage(version: registry.Version, uri: str | None = None) -> list[LineageSt
     chain: list[LineageStep] = []
     seen = set()
     current: registry.Version | None = version
-    while current is not None and current.version not in seen:
-        seen.add(current.version)
+    # Keyed by model and version: a parent may be another model's version (an adapter's base).
+    while current is not None and (current.name, current.version) not in seen:
+        seen.add((current.name, current.version))
         tags = {k: v for k, v in current.lineage.items() if k not in ("ready", "format")}
         chain.append(LineageStep(current.name, current.version, current.format, tags))
         parent = tags.get("parent")

@@ -43,8 +43,13 @@ def log_run(
     history: list[dict[str, float]],
     metrics: dict[str, float],
     tags: dict[str, str],
+    step_key: str = "epoch",
 ) -> str:
     """Log a run (params, per-epoch history, final metrics, lineage tags).
+
+    Args:
+        step_key: The history rows' field that is MLflow's step (a fine-tuning run reports
+            per optimizer step).
 
     Returns:
         The MLflow run id.
@@ -56,9 +61,9 @@ def log_run(
     with mlflow.start_run(run_name=run_name) as run:
         mlflow.log_params({key: str(value)[:500] for key, value in params.items()})
         for row in history:
-            step = int(row.get("epoch", 0))
+            step = int(row.get(step_key, 0))
             mlflow.log_metrics(
-                {k: float(v) for k, v in row.items() if k != "epoch" and _number(v)}, step=step
+                {k: float(v) for k, v in row.items() if k != step_key and _number(v)}, step=step
             )
         mlflow.log_metrics({f"test_{key}": value for key, value in metrics.items()})
         mlflow.set_tags({f"{LINEAGE_PREFIX}{key}": value for key, value in tags.items()})

@@ -35,7 +35,15 @@ ARTIFACT_DIGEST_TAG = f"{LINEAGE_PREFIX}artifact_sha256"
 #: ``--artifacts-destination``): the files behind an ``mlflow-artifacts:/`` URI.
 ARTIFACT_STORE = ("mlflow", "artifacts")
 #: Formats a version's artifact can have; serving loads each (see :mod:`aiaas.artifacts`).
-FORMATS = ("torch", "dynamic-int8", "torchscript", "onnx", "sentence-transformers", "hf-causal-lm")
+FORMATS = (
+    "torch",
+    "dynamic-int8",
+    "torchscript",
+    "onnx",
+    "sentence-transformers",
+    "hf-causal-lm",
+    "hf-lora-adapter",
+)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""``aiaas train CONFIG``, ``aiaas tune CONFIG`` and ``aiaas jobs list | status | logs | stop``."""
+"""``aiaas train CONFIG``, ``aiaas finetune CONFIG``, ``aiaas tune CONFIG`` and
+``aiaas jobs list | status | logs | stop``."""
 
 from __future__ import annotations
 
@@ -35,6 +36,39 @@ def train(config_path: Path, cluster_path: Path, follow: bool, dry_run: bool) ->
         return
     submission.submit_and_report(
         "train",
+        config_path,
+        config,
+        cluster,
+        follow=follow,
+        next_steps=_NEXT,
+        report=submission.print_outcome,
+    )
+
+
+@click.command()
+@flags.config_argument
+@flags.cluster_option
+@flags.follow_option("Show live progress (step, losses, tokens/s) and the gate until it ends.")
+@flags.dry_run_option("Run every check; submit nothing.")
+@console.user_errors
+def finetune(config_path: Path, cluster_path: Path, follow: bool, dry_run: bool) -> None:
+    """Submit a fine-tuning job (python -m jobs.finetune CONFIG) through the Ray Jobs API."""
+    from aiaas.config.finetune import FinetuneConfig
+    from jobs import preflight
+
+    config = loader.load(config_path, FinetuneConfig)
+    cluster = target.load_cluster(cluster_path)
+    uri = target.use_registry(cluster)
+    base, steps = preflight.check_finetune(config, config_path, cluster, uri)
+    if dry_run:
+        click.echo(
+            f"{config_path}: checks passed; would submit python -m jobs.finetune {config_path} "
+            f"({config.method} of {base.name}:{base.version}, {steps.total_steps} steps over "
+            f"{steps.epochs} epoch{'s' if steps.epochs != 1 else ''})"
+        )
+        return
+    submission.submit_and_report(
+        "finetune",
         config_path,
         config,
         cluster,
@@ -123,12 +157,12 @@ def list_jobs(cluster_path: Path) -> None:
         click.echo("No jobs recorded yet.")
         console.next_steps(["aiaas train configs/train/digits_mlp.yaml --follow"])
         return
-    click.echo(f"{'JOB':<52} {'KIND':<6} {'STATUS':<10} {'SUBMITTED':<19} RESULT")
+    click.echo(f"{'JOB':<52} {'KIND':<8} {'STATUS':<10} {'SUBMITTED':<19} RESULT")
     for record in found:
         fresh = submit.refresh(cluster, record)
         when = datetime.datetime.fromtimestamp(record.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
         click.echo(
-            f"{record.submission_id:<52} {record.kind:<6} {fresh.status:<10} {when:<19} "
+            f"{record.submission_id:<52} {record.kind:<8} {fresh.status:<10} {when:<19} "
             f"{submission.summary(record.result)}"
         )
 

@@ -21,6 +21,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "data": ("aiaas_cli.data:data", "Prepare data sets as Parquet under the storage root."),
     "train": ("aiaas_cli.jobs:train", "Submit a training job (Ray Train) through Ray Jobs."),
     "tune": ("aiaas_cli.jobs:tune", "Submit a hyperparameter search (Ray Tune) through Ray Jobs."),
+    "finetune": (
+        "aiaas_cli.jobs:finetune",
+        "Submit an LLM fine-tuning job (LoRA or full, Ray Train) through Ray Jobs.",
+    ),
     "jobs": ("aiaas_cli.jobs:jobs_group", "List, inspect, follow and stop jobs."),
     "models": ("aiaas_cli.models:models", "Registered models: list, show, promote, optimize."),
     "serve": ("aiaas_cli.serve:serve", "Deploy models with Ray Serve; status, rollback, keys."),

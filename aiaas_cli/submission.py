@@ -1,5 +1,5 @@
-"""Submitting a job and, with ``--follow``, waiting for it: the block ``train``, ``tune`` and
-``models optimize`` share, and how job records and outcomes print."""
+"""Submitting a job and, with ``--follow``, waiting for it: the block ``train``, ``finetune``,
+``tune`` and ``models optimize`` share, and how job records and outcomes print."""
 
 from __future__ import annotations
 
@@ -67,7 +67,9 @@ def progress_printer() -> Callable[[str], None]:
             if key in seen:
                 continue
             seen.add(key)
-            if "epoch" in event:
+            if "step" in event:
+                click.echo(step_line(event))
+            elif "epoch" in event:
                 click.echo(
                     f"  epoch {int(event['epoch']) + 1:>3}  train_loss {event['train_loss']:.4f}  "
                     f"val_loss {event['val_loss']:.4f}  val_accuracy {event['val_accuracy']:.4f}  "
@@ -77,12 +79,42 @@ def progress_printer() -> Callable[[str], None]:
                 click.echo(
                     f"  resumed from the checkpoint of epoch {event['resumed_from_epoch'] + 1}"
                 )
+            elif "resumed_from_step" in event:
+                click.echo(f"  resumed from the checkpoint of step {event['resumed_from_step']}")
             elif "test" in event:
                 click.echo(f"  test: {json.dumps(event['test'])}")
+            elif "gate" in event:
+                click.echo(f"  gate: {gate_text(event['gate'])}")
+            elif "plan" in event:
+                plan = event["plan"]
+                click.echo(
+                    f"  plan: {plan['method']} of {plan['base']}, {plan['steps']} steps "
+                    f"({plan['epochs']} epochs of {plan['train_rows']} train rows)"
+                )
         if line.startswith(("Error:", "Registered ", "Already registered as ")):
             click.echo(f"  {line}")
 
     return on_line
+
+
+def step_line(event: dict[str, Any]) -> str:
+    """One report of a fine-tuning run: step, epoch, losses, throughput."""
+    parts = [f"  step {int(event['step']):>5}  epoch {int(event.get('epoch', 0)) + 1:>3}"]
+    if "train_loss" in event:
+        parts.append(f"train_loss {event['train_loss']:.4f}")
+    if "eval_loss" in event:
+        parts.append(f"eval_loss {event['eval_loss']:.4f} (base {event['base_eval_loss']:.4f})")
+    if "tokens_per_s" in event:
+        parts.append(f"{event['tokens_per_s']:.0f} tokens/s")
+    return "  ".join(parts)
+
+
+def gate_text(figures: dict[str, Any]) -> str:
+    """A fine-tuning gate's figures in one phrase."""
+    return (
+        f"eval loss {figures['eval_loss']:.4f} (base {figures['base_eval_loss']:.4f}), "
+        f"exact match {figures['exact_match']:.4f} ({figures['matched']}/{figures['test_rows']})"
+    )
 
 
 def print_outcome(record: JobRecord) -> None:
@@ -99,6 +131,8 @@ def summary(result: dict[str, Any] | None) -> str:
     parts = []
     if "test" in result:
         parts.append(f"test accuracy {result['test']['accuracy']:.4f}")
+    if "figures" in result:
+        parts.append(gate_text(result["figures"]))
     if "registered" in result:
         parts.append(
             f"registered {result['registered']['model']} v{result['registered']['version']}"

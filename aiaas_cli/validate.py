@@ -14,7 +14,8 @@ from aiaas_cli import console
 @click.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
-    """Validate config files (cluster, dataset, train, tune, monitoring, Ray Serve).
+    """Validate config files (cluster, dataset, train, tune, finetune, optimize, monitoring,
+    Ray Serve).
 
     Checks every file and lists every problem; exits 1 if any file is invalid.
     """

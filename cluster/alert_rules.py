@@ -68,7 +68,8 @@ def rules(config: MonitoringConfig) -> dict[str, Any]:
     """The rule file, as Prometheus reads it."""
     alerts = config.alerts
     replicas, replicas_max = metrics.SERVE_REPLICAS.series, metrics.SERVE_REPLICAS_MAX.series
-    failed = f'sum by (kind) ({metrics.JOBS.series}{{kind=~"train|tune", status="FAILED"}})'
+    training = "train|tune|finetune"
+    failed = f'sum by (kind) ({metrics.JOBS.series}{{kind=~"{training}", status="FAILED"}})'
     # Summed over nodes; a node that dies drops out (or to 0), so the sum falls below its
     # recent maximum. Ray's GCS exports one series per alive node.
     nodes = "sum(ray_cluster_active_nodes)"

@@ -179,6 +179,18 @@ def _llm() -> list[PanelSpec]:
             (gauge(metrics.LLM_RUNNING, "running"), gauge(metrics.LLM_WAITING, "waiting")),
         ),
         PanelSpec(
+            "Fine-tuning throughput",
+            "Tokens per second of each fine-tuning run (aiaas finetune) since its last report, "
+            "all workers together; its losses are on the Jobs dashboard (split "
+            "validation_base: the base model's).",
+            (
+                Query(
+                    f"max by (run, model) ({metrics.TRAIN_TOKENS_PER_S.series})",
+                    "{{run}} ({{model}})",
+                ),
+            ),
+        ),
+        PanelSpec(
             "Replicas",
             "LLM replicas by state, and each LLM deployment's maximum.",
             (

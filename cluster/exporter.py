@@ -19,9 +19,9 @@ from aiaas import metrics
 
 ACTOR_NAME = "aiaas-exporter"
 NAMESPACE = "aiaas"
-JOB_KINDS = ("train", "tune", "optimize", "other")
+JOB_KINDS = ("train", "tune", "finetune", "optimize", "other")
 JOB_STATUSES = ("PENDING", "RUNNING", "STOPPED", "SUCCEEDED", "FAILED")
-_ENTRYPOINT_KIND = re.compile(r"-m\s+jobs\.(train|tune|optimize)\b")
+_ENTRYPOINT_KIND = re.compile(r"-m\s+jobs\.(train|tune|finetune|optimize)\b")
 
 Labels = tuple[str, ...]
 

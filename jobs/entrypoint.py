@@ -13,15 +13,17 @@ from aiaas.storage import Storage
 from jobs import outcomes, records
 
 #: The outcome model a job's work returns.
-Outcome = TypeVar("Outcome", outcomes.TrainingOutcome, outcomes.OptimizeReport)
+Outcome = TypeVar(
+    "Outcome", outcomes.TrainingOutcome, outcomes.FinetuneOutcome, outcomes.OptimizeReport
+)
+#: An outcome that a gate judged.
+Judged = outcomes.TrainingOutcome | outcomes.FinetuneOutcome | outcomes.OptimizeReport
 
 
 class GateFailed(errors.JobError):
     """A model missed its gate; ``outcome`` holds the measurements that say by how much."""
 
-    def __init__(
-        self, message: str, outcome: outcomes.TrainingOutcome | outcomes.OptimizeReport
-    ) -> None:
+    def __init__(self, message: str, outcome: Judged) -> None:
         super().__init__(message)
         self.outcome = outcome
 

@@ -1,9 +1,10 @@
 """The registration gate and the registration step, shared by every job that makes a model.
 
-Train, tune (and the coming finetune) evaluate their best checkpoint here and register it when
-the config's gate holds (:func:`evaluate_and_register`); optimize judges its measurements with
-:func:`optimize_failures`. Every job states the verdict, refuses a failed gate and writes the
-lineage it shares (job, config, commit) the same way. Runs on the job's driver.
+Train and tune evaluate their best checkpoint here and register it when the config's gate holds
+(:func:`evaluate_and_register`); finetune judges its adapter in :mod:`jobs.finetune_gate`;
+optimize judges its measurements with :func:`optimize_failures`. Every job states the verdict,
+refuses a failed gate and writes the lineage it shares (job, config, commit) the same way. Runs
+on the job's driver.
 """
 
 from __future__ import annotations
@@ -47,9 +48,7 @@ def verdict(broken: list[str]) -> str:
     return "failed: " + "; ".join(broken) if broken else PASSED
 
 
-def refuse(
-    job: str, broken: list[str], outcome: outcomes.TrainingOutcome | outcomes.OptimizeReport
-) -> NoReturn:
+def refuse(job: str, broken: list[str], outcome: entrypoint.Judged) -> NoReturn:
     """End a job whose gate failed; its outcome (with the verdict) goes to the job record.
 
     Raises:
@@ -106,7 +105,7 @@ def evaluate_and_register(
     run_id = registration.log_run(
         experiment=config.name,
         run_name=lineage["job_id"],
-        params=_flatten(config.model_dump(mode="json")),
+        params=flatten(config.model_dump(mode="json")),
         history=[epoch.record() for epoch in history],
         metrics=test.record(),
         tags=lineage,
@@ -115,7 +114,7 @@ def evaluate_and_register(
     outcome.gate = verdict(broken)
     if broken:
         refuse("registration", broken, outcome)
-    outcome.registered = _already_registered(config.registration.model_name, best.path)
+    outcome.registered = already_registered(config.registration.model_name, best.path)
     if outcome.registered is None:
         lineage["checkpoint"] = best.path
         example = evaluation.test_head(storage, config.dataset, schema)
@@ -128,7 +127,7 @@ def evaluate_and_register(
     return outcome
 
 
-def _already_registered(model_name: str, checkpoint: str) -> outcomes.RegisteredVersion | None:
+def already_registered(model_name: str, checkpoint: str) -> outcomes.RegisteredVersion | None:
     """The version already registered from this checkpoint: a finished run started again
     resumes at its end, same weights, and makes no second version."""
     for version in registry.versions(model_name):
@@ -150,7 +149,7 @@ def training_lineage(
     """The lineage of a version trained from a config: where its data and config came from."""
     return {
         **job_lineage(config),
-        "ray_job_id": _ray_job_id(),
+        "ray_job_id": ray_job_id(),
         "dataset": schema.name,
         "dataset_fingerprint": schema.fingerprint,
         "config_path": str(config_path),
@@ -158,18 +157,19 @@ def training_lineage(
     }
 
 
-def _ray_job_id() -> str:
+def ray_job_id() -> str:
+    """Ray's id of the running job (the driver has joined the cluster)."""
     import ray
 
     return str(ray.get_runtime_context().get_job_id())
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
+            flat.update(flatten(value, f"{name}."))
         else:
             flat[name] = value
     return flat

@@ -88,6 +88,48 @@ class TrainingOutcome(RunSummary):
     error: str | None = None
 
 
+class GateFigures(OutcomeModel):
+    """What a fine-tuning gate judges: validation losses, and exact answers on test prompts."""
+
+    eval_loss: float = Field(description="validation loss per target token, fine-tuned")
+    base_eval_loss: float = Field(description="the same for the base model, before training")
+    exact_match: float = Field(description="share of test prompts answered exactly")
+    matched: int = Field(description="test prompts answered exactly")
+    test_rows: int = Field(description="test prompts answered")
+
+
+class StepMetrics(OutcomeModel):
+    """One report of a fine-tuning run (every eval or checkpoint step); None where a report
+    did not carry the figure."""
+
+    step: float | None = None
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    base_eval_loss: float | None = None
+    tokens_per_s: float | None = None
+    samples_per_s: float | None = None
+    lr: float | None = None
+
+
+#: The per-report metrics kept in a fine-tuning run's history.
+STEP_KEYS = tuple(StepMetrics.model_fields)
+
+
+class FinetuneOutcome(RunSummary):
+    """The outcome of a fine-tuning job."""
+
+    base: str = Field(description="the base version, NAME:VERSION")
+    method: str = Field(description="lora or full")
+    figures: GateFigures
+    steps_run: int
+    history: list[StepMetrics]
+    checkpoint: str = Field(description="path of the evaluated (latest) checkpoint")
+    registered: RegisteredVersion | None = None
+    gate: str | None = Field(None, description="'passed' or 'failed: <reasons>'")
+    error: str | None = None
+
+
 class PredictorFigures(OutcomeModel):
     """One side of an optimize comparison, measured in the same rounds as the other."""
 
@@ -132,7 +174,7 @@ class JobFailure(OutcomeModel):
 
 
 #: Any job's outcome. Tried in this order: the first model whose required fields are all there.
-JobOutcome = TrainingOutcome | OptimizeReport | JobFailure
+JobOutcome = TrainingOutcome | FinetuneOutcome | OptimizeReport | JobFailure
 _OUTCOME: TypeAdapter[JobOutcome] = TypeAdapter(
     Annotated[JobOutcome, Field(union_mode="left_to_right")]
 )

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aiaas import datasets, errors, models, placement
+from aiaas import datasets, errors, models, placement, registry
 from aiaas.config import loader
 from aiaas.config.cluster import ClusterConfig
-from aiaas.config.train import TrainConfig
+from aiaas.config.finetune import FinetuneConfig
+from aiaas.config.train import ScalingSpec, TrainConfig
 from aiaas.config.tune import TuneConfig, apply
 from aiaas.dashboard import Dashboard
 from aiaas.storage import Storage
+from jobs import finetune_data, finetune_plan, finetune_trainer
 
 
 def check_train(config: TrainConfig, config_path: Path, cluster: ClusterConfig) -> None:
@@ -21,12 +23,30 @@ def check_train(config: TrainConfig, config_path: Path, cluster: ClusterConfig) 
     """
     schema = datasets.load_schema(Storage(cluster.storage_root), config.dataset)
     models.build(config.model, len(schema.features), schema.num_classes, schema.feature_shape)
+    _check_placement(config.scaling, config_path, cluster)
+
+
+def check_finetune(
+    config: FinetuneConfig, config_path: Path, cluster: ClusterConfig, uri: str
+) -> tuple[registry.Version, finetune_plan.StepPlan]:
+    """The base model is a causal LM in the registry at ``uri``, the chat data set fits the
+    config, and the workers can be placed; returns the base version and the step plan.
+
+    Raises:
+        ConfigError: What is wrong and how to fix it.
+    """
+    base = finetune_trainer.resolve_base(config, uri)
+    data = finetune_data.describe(Storage(cluster.storage_root), config.dataset, config.max_seq_len)
+    steps = finetune_plan.step_plan(config, data.rows["train"])
+    _check_placement(config.scaling, config_path, cluster)
+    return base, steps
+
+
+def _check_placement(scaling: ScalingSpec, config_path: Path, cluster: ClusterConfig) -> None:
     nodes = _alive_node_resources(cluster)
     if nodes is None:
         return  # the submission itself reports an unreachable cluster
-    problem = placement.problem(
-        nodes, config.scaling.worker_resources(), config.scaling.num_workers
-    )
+    problem = placement.problem(nodes, scaling.worker_resources(), scaling.num_workers)
     if problem:
         raise errors.ConfigError(
             f"{config_path}: scaling: {problem}",

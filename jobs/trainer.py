@@ -3,7 +3,8 @@
 It checks the data set and the model, joins the cluster and checks the workers fit on it, reads
 the splits, builds the ``TorchTrainer`` (scaling, checkpoints, failures; a run restarted under
 the same name resumes from its latest checkpoint) and fits it. Train and tune (one trainer per
-trial) both build theirs here; the workers run :func:`jobs.train_loop.train_loop`.
+trial) both build theirs here; the workers run :func:`jobs.train_loop.train_loop`. Fine-tuning
+builds its own (:mod:`jobs.finetune_trainer`) and shares the cluster check and the fit.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from aiaas import datasets, errors, placement, progress
-from aiaas.config.train import TrainConfig
+from aiaas.config.finetune import FinetuneConfig
+from aiaas.config.train import ScalingSpec, TrainConfig
 from aiaas.storage import Storage
 from jobs import entrypoint, outcomes, train_loop
 
@@ -23,27 +25,32 @@ READ_TASK_CPUS = 0.25
 
 def prepare(config: TrainConfig, config_path: Path) -> tuple[Storage, datasets.DatasetSchema]:
     """Check the data set and the model, join the cluster and check the workers fit on it."""
-    import ray
-    import ray.data
-
     storage = entrypoint.storage()
     schema = datasets.load_schema(storage, config.dataset)
     _check_model_fits(config, schema)
+    join_cluster(config.scaling, config_path)
+    return storage, schema
+
+
+def join_cluster(scaling: ScalingSpec, config_path: Path) -> None:
+    """Join the job's cluster and check the run's workers can be placed on it.
+
+    Raises:
+        ConfigError: The workers can never be placed on the cluster's nodes.
+    """
+    import ray
+    import ray.data
+
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING)
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
-    unplaceable = placement.problem(
-        nodes,
-        config.scaling.worker_resources(),
-        config.scaling.num_workers,
-    )
+    unplaceable = placement.problem(nodes, scaling.worker_resources(), scaling.num_workers)
     if unplaceable:
         raise errors.ConfigError(
             f"{config_path}: scaling: {unplaceable}",
             "Lower scaling.num_workers or scaling.resources_per_worker, or add nodes.",
         )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    return storage, schema
 
 
 def build_trainer(
@@ -147,7 +154,7 @@ def _check_model_fits(config: TrainConfig, schema: datasets.DatasetSchema) -> No
     models.build(config.model, len(schema.features), schema.num_classes, schema.feature_shape)
 
 
-def fit(config: TrainConfig, trainer: Any) -> tuple[Any, float]:
+def fit(config: TrainConfig | FinetuneConfig, trainer: Any) -> tuple[Any, float]:
     """Fit a run's trainer; returns Ray Train's result and the seconds the fit took.
 
     Raises:

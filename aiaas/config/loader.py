@@ -27,6 +27,7 @@ KINDS: dict[str, str] = {
     "cluster": "aiaas.config.cluster:ClusterConfig",
     "dataset": "aiaas.config.dataset:DatasetConfig",
     "train": "aiaas.config.train:TrainConfig",
+    "finetune": "aiaas.config.finetune:FinetuneConfig",
     "monitoring": "aiaas.config.monitoring:MonitoringConfig",
     "optimize": "aiaas.config.optimize:OptimizeConfig",
     "tune": "aiaas.config.tune:TuneConfig",

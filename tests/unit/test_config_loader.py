@@ -114,7 +114,7 @@ def test_unknown_kind_suggests_the_right_one(tmp_path: Path) -> None:
     path = _write(tmp_path, "kind: clustr\n")
     assert (
         _error(path)
-        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster, dataset, monitoring, optimize, train, tune"
+        == f"{path}: unknown kind 'clustr'; did you mean 'cluster'? known kinds: cluster, dataset, finetune, monitoring, optimize, train, tune"
     )
 
 
