@@ -80,7 +80,7 @@ def tokenized(tokenizer: Any, messages: list[dict[str, str]], max_seq_len: int) 
 def write_dataset(
     root: Path,
     tokenizer: Any,
-    name: str = "skill-chat",
+    name: str = "iso-dates",
     rows: tuple[int, int, int] = (12, 4, 4),
     max_seq_len: int = 96,
 ) -> Path:

@@ -15,9 +15,9 @@ from aiaas.config.finetune import FinetuneConfig, ScheduleSpec
 from jobs import finetune_gate, finetune_plan, outcomes
 
 REPO = Path(__file__).resolve().parents[2]
-LORA = REPO / "configs/finetune/smollm2_skill_lora.yaml"
-GPU = REPO / "configs/finetune/smollm2_skill_lora_gpu.yaml"
-TINY = REPO / "configs/finetune/tiny/smollm2_skill_lora.yaml"
+LORA = REPO / "configs/finetune/smollm2_iso_dates_lora.yaml"
+GPU = REPO / "configs/finetune/smollm2_iso_dates_lora_gpu.yaml"
+TINY = REPO / "configs/finetune/tiny/smollm2_iso_dates_lora.yaml"
 
 
 def _problems(tmp_path: Path, text: str) -> list[str]:
@@ -112,7 +112,7 @@ def test_shipped_configs_describe_the_runs_the_issue_asks_for() -> None:
     assert (config.base.name, config.base.alias, config.dataset) == (
         "smollm2",
         "production",
-        "skill-chat",
+        "iso-dates",
     )
     assert config.method == "lora" and 8 <= config.adapter.rank <= 16
     assert config.adapter.target_modules == ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -123,7 +123,7 @@ def test_shipped_configs_describe_the_runs_the_issue_asks_for() -> None:
     assert tiny.max_steps is not None and tiny.max_steps <= 4
     assert tiny.registration is not None and tiny.registration.gate.min_exact_match == 0.0
     # A config without a lora section gets the default adapter.
-    full = loader.load(REPO / "configs/finetune/tiny/smollm2_skill_full.yaml", FinetuneConfig)
+    full = loader.load(REPO / "configs/finetune/tiny/smollm2_iso_dates_full.yaml", FinetuneConfig)
     assert full.method == "full" and full.lora is None and full.adapter.rank == 8
 
 
@@ -225,7 +225,7 @@ def test_steps_fall_into_epochs_and_every_worker_takes_the_same_batches() -> Non
     with pytest.raises(errors.ConfigError) as caught:
         finetune_plan.step_plan(two, train_rows=31)
     assert str(caught.value) == (
-        "the train split of 'skill-chat' has 31 rows, too few for one optimizer step of "
+        "the train split of 'iso-dates' has 31 rows, too few for one optimizer step of "
         "batch_size × gradient_accumulation_steps × num_workers = 32 rows\n"
         "Lower batch_size, gradient_accumulation_steps or scaling.num_workers, or prepare more "
         "rows."

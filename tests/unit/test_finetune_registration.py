@@ -34,7 +34,7 @@ from jobs import (
 from tests.unit import chat_data, local_registry
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = Path("configs/finetune/tiny/smollm2_skill_lora.yaml")
+TINY = Path("configs/finetune/tiny/smollm2_iso_dates_lora.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory, hf: Path, root: Path) -
     torch.manual_seed(0)
     model = finetune_weights.build(config, hf)
     optimizer = finetune_weights.optimizer(config, model)
-    split = root / "datasets/skill-chat"
+    split = root / "datasets/iso-dates"
 
     def batches(name: str, size: int) -> list[finetune_data.TokenBatch]:
         table = pd.read_parquet(split / name)
@@ -194,7 +194,7 @@ def test_a_passed_gate_registers_the_adapter_alone_with_lineage_to_its_base(
     version = registry.resolve(registry.parse_ref("tiny-smollm2-skill"), with_run=True)
     assert version.format == adapters.FORMAT and version.ready
     lineage = version.lineage
-    schema = json.loads((root / "datasets/skill-chat/schema.json").read_text())
+    schema = json.loads((root / "datasets/iso-dates/schema.json").read_text())
     assert {key: lineage[key] for key in ("parent", "base_model", "base_version")} == {
         "parent": "smollm2:1",
         "base_model": "smollm2",
@@ -202,7 +202,7 @@ def test_a_passed_gate_registers_the_adapter_alone_with_lineage_to_its_base(
     }
     assert lineage["base_reference"] == "smollm2@production"
     assert (lineage["dataset"], lineage["dataset_fingerprint"]) == (
-        "skill-chat",
+        "iso-dates",
         schema["fingerprint"],
     )
     assert lineage["job_id"] == "aiaas-finetune-tiny-test" and lineage["ray_job_id"] == "02000000"

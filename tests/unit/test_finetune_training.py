@@ -25,7 +25,7 @@ from jobs import finetune_data, finetune_loop, finetune_plan, finetune_weights
 from tests.unit import chat_data
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = REPO / "configs/finetune/tiny/smollm2_skill_lora.yaml"
+TINY = REPO / "configs/finetune/tiny/smollm2_iso_dates_lora.yaml"
 PIN = {
     "model": "smollm2",
     "version": "1",
@@ -51,7 +51,7 @@ def tokenizer(hf: Path) -> Any:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
-    """A storage root with the data set ``skill-chat`` (12 train, 4 validation, 4 test rows)."""
+    """A storage root with the data set ``iso-dates`` (12 train, 4 validation, 4 test rows)."""
     root = tmp_path_factory.mktemp("storage")
     chat_data.write_dataset(root, tokenizer)
     return root
@@ -63,7 +63,7 @@ def config() -> FinetuneConfig:
 
 
 def _batch(root: Path, split: str, rows: slice) -> finetune_data.TokenBatch:
-    table = pq.read_table(root / "datasets/skill-chat" / split).slice(
+    table = pq.read_table(root / "datasets/iso-dates" / split).slice(
         rows.start, rows.stop - rows.start
     )
     return finetune_data.TokenBatch.from_numpy(
@@ -73,8 +73,8 @@ def _batch(root: Path, split: str, rows: slice) -> finetune_data.TokenBatch:
 
 def test_the_chat_data_set_is_described_and_checked(root: Path, tokenizer: Any) -> None:
     storage = Storage(str(root))
-    data = finetune_data.describe(storage, "skill-chat", 512)
-    schema = json.loads((root / "datasets/skill-chat/schema.json").read_text())
+    data = finetune_data.describe(storage, "iso-dates", 512)
+    schema = json.loads((root / "datasets/iso-dates/schema.json").read_text())
     assert data.rows == {"train": 12, "validation": 4, "test": 4}
     assert (data.fingerprint, data.sequence_length, data.packed) == (
         schema["fingerprint"],
@@ -83,14 +83,14 @@ def test_the_chat_data_set_is_described_and_checked(root: Path, tokenizer: Any) 
     )
     assert finetune_data.template_problem(data, tokenizer.chat_template, "smollm2:1") is None
     assert finetune_data.template_problem(data, "{{ other }}", "smollm2:2") == (
-        "data set 'skill-chat' was tokenized with the chat template of smollm2:1, not smollm2:2's"
+        "data set 'iso-dates' was tokenized with the chat template of smollm2:1, not smollm2:2's"
     )
-    prompts = finetune_data.test_prompts(storage, "skill-chat", 2)
+    prompts = finetune_data.test_prompts(storage, "iso-dates", 2)
     assert prompts[0] == (chat_data.sums(1, 16)[0][:1], chat_data.sums(1, 16)[0][1]["content"])
     with pytest.raises(errors.ConfigError) as long:
-        finetune_data.describe(storage, "skill-chat", 64)
+        finetune_data.describe(storage, "iso-dates", 64)
     assert str(long.value) == (
-        "data set 'skill-chat' is tokenized to 96 tokens per row, but max_seq_len is 64\n"
+        "data set 'iso-dates' is tokenized to 96 tokens per row, but max_seq_len is 64\n"
         "Set max_seq_len: 96, or prepare the data set with max_seq_len 64."
     )
     with pytest.raises(errors.ConfigError) as missing:
@@ -123,7 +123,7 @@ def test_a_split_without_labels_or_a_table_data_set_is_refused(
 
 
 def test_token_batches_are_cut_to_their_longest_row(root: Path) -> None:
-    table = pq.read_table(root / "datasets/skill-chat/train").slice(0, 3)
+    table = pq.read_table(root / "datasets/iso-dates/train").slice(0, 3)
     lists = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
     arrays = {name: np.stack(list(lists[name])) for name in finetune_data.TOKEN_COLUMNS}
     from_lists = finetune_data.TokenBatch.from_numpy(lists)
@@ -341,7 +341,7 @@ def test_adapter_directories_with_anything_else_are_refused(
 def test_a_full_fine_tune_checkpoints_the_whole_model(
     config: FinetuneConfig, hf: Path, root: Path, tmp_path: Path
 ) -> None:
-    full = loader.load(REPO / "configs/finetune/tiny/smollm2_skill_full.yaml", FinetuneConfig)
+    full = loader.load(REPO / "configs/finetune/tiny/smollm2_iso_dates_full.yaml", FinetuneConfig)
     full = full.model_copy(update={"optimizer": OptimizerSpec(name="sgd", lr=1e-4, momentum=0.0)})
     model = finetune_weights.build(full, hf)
     batch = _batch(root, "train", slice(0, 2))
@@ -423,7 +423,7 @@ def _run_worker(
     reports: list[tuple[dict[str, Any], str | None]] = []
     prepared: list[dict[str, Any]] = []
     shards = {
-        split: _Shard(root / "datasets/skill-chat" / split) for split in ("train", "validation")
+        split: _Shard(root / "datasets/iso-dates" / split) for split in ("train", "validation")
     }
 
     def report(metrics: dict[str, Any], checkpoint: Any = None, **_: Any) -> None:
