@@ -146,6 +146,7 @@ class Engine:
         request_id = f"aiaas-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
+        seeded: dict[str, Any] = {} if sampling.seed is None else {"seed": sampling.seed % SEEDS}
         self.admitted += 1
         started = finished = False
         try:
@@ -156,7 +157,7 @@ class Engine:
                 streaming=True,
                 temperature=float(sampling.temperature),
                 top_p=float(sampling.top_p),
-                **({"seed": sampling.seed % SEEDS} if sampling.seed is not None else {}),
+                **seeded,
             )
             sent = 0
             while True:
