@@ -70,3 +70,32 @@ def test_an_error_quoting_a_lone_surrogate_or_a_long_name_still_renders() -> Non
     error = json.loads(answer.body)["error"]
     assert error["code"] == "model_not_found" and len(error["message"]) <= 2001
     assert serve_http.shown("a" * 500).endswith("…") and len(serve_http.shown("a" * 500)) == 101
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "name", "status"),
+    [
+        ("/v1", "/v1/embeddings", None, None),  # POST /v1/embeddings at /v1
+        ("/v1", "/embeddings", None, None),  # the same, when path leaves the root out
+        ("/v1", "/v1/embeddings/minilm", "minilm", None),  # its status route
+        ("/v1", "/v1/embeddings", "embeddings", 405),  # GET on the POST-only path
+        ("/v1", "/v1/minilm", "minilm", 404),  # a short route at /v1 is none of ours
+        ("/v1", "/v1", None, 404),  # POST /v1
+        ("/v1/embeddings", "/v1/embeddings", None, None),  # beside the LLM app at /v1
+        ("/v1/embeddings", "/v1/embeddings/minilm", "minilm", None),
+    ],
+)
+def test_the_embeddings_short_routes_hold_only_at_their_own_prefix(
+    root: str, path: str, name: str | None, status: int | None
+) -> None:
+    from starlette.requests import Request
+
+    from serve_apps import embeddings
+
+    request = Request({"type": "http", "root_path": root, "path": path, "headers": []})
+    if status is None:
+        embeddings._shortened_only_at_own_prefix(request, name)
+        return
+    with pytest.raises(serve_http.ApiError) as refused:
+        embeddings._shortened_only_at_own_prefix(request, name)
+    assert refused.value.status == status
