@@ -81,7 +81,7 @@ def _problems(tmp_path: Path, text: str) -> list[str]:
             "false; set use_gpu: true or drop GPU from resources_per_worker",
         ),
         (
-            "min_exact_match: 0.5",
+            "min_exact_match: 0.8",
             "min_exact_match: 1.5",
             "  • registration.gate.min_exact_match (line 35): Input should be less than or "
             "equal to 1",
@@ -266,10 +266,10 @@ def test_the_gate_wants_a_lower_loss_than_the_base_and_enough_exact_answers() ->
     config = loader.load(LORA, FinetuneConfig)
     assert config.registration is not None
     spec = config.registration.gate
-    assert finetune_gate.failures(spec, _figures(0.9, 4)) == []
-    assert finetune_gate.failures(spec, _figures(1.5, 3)) == [
+    assert finetune_gate.failures(spec, _figures(0.9, 7)) == []
+    assert finetune_gate.failures(spec, _figures(1.5, 6)) == [
         "validation loss 1.5000 is not below the base model's 1.5000",
-        "test exact match 0.3750 (3 of 8) is not >= 0.5",
+        "test exact match 0.7500 (6 of 8) is not >= 0.8",
     ]
     assert finetune_gate.failures(spec, _figures(float("nan"), 8)) == [
         "validation loss nan is not below the base model's 1.5000"
