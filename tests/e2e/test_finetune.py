@@ -7,7 +7,6 @@ registry: one more fine-tune job here would cost the suite ~2 minutes.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import mlflow
 import pytest
