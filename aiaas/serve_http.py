@@ -167,6 +167,29 @@ def require_method(request: Request, method: str) -> None:
         )
 
 
+def only_at_own_prefix(request: Request, segment: str, name: str | None = None) -> None:
+    """Routes an app also serves without its first path ``segment`` (the embeddings app at
+    ``/v1/embeddings``) exist only at a route prefix that ends with it. At ``/v1``,
+    ``GET /v1/embeddings`` stays a POST-only path (405) and ``POST /v1`` or ``GET /v1/x`` no
+    route of the app (404). ``name``: the model a status route names (None on the POST)."""
+    root = request.scope.get("root_path", "").rstrip("/")
+    if root.endswith(segment):
+        return
+    path = request.scope["path"]
+    # Serve mounts the app at root_path; servers differ on whether path repeats it.
+    relative = path[len(root) :] if root and path.startswith(root) else path
+    if relative.startswith(segment + "/") or (name is None and relative == segment):
+        return
+    if name is not None and relative == segment:
+        raise ApiError(
+            405,
+            "method_not_allowed",
+            f"{shown(request.url.path)} takes POST, not GET",
+            headers={"Allow": "POST"},
+        )
+    raise ApiError(404, "not_found", f"no such route: {shown(request.url.path)}")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request's body, refusing more than ``limit`` bytes (413) as they arrive: a chunked
     body (no Content-Length) is counted while it is read, never read whole first."""

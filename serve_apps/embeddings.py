@@ -130,7 +130,7 @@ class Embeddings:
     @app.get("/embeddings/{name}")
     @app.get("/{name}")
     async def model_status(self, name: str, request: Request) -> dict[str, Any]:
-        _shortened_only_at_own_prefix(request, name)
+        serve_http.only_at_own_prefix(request, serving_apps.EMBEDDINGS.segment, name)
         await self._authorize(request, status=True)
         loaded = self.slots.get(name)
         status = {
@@ -147,7 +147,7 @@ class Embeddings:
     @app.post("/embeddings")
     @app.post("/")
     async def embeddings(self, request: Request) -> dict[str, Any]:
-        _shortened_only_at_own_prefix(request)
+        serve_http.only_at_own_prefix(request, serving_apps.EMBEDDINGS.segment)
         # Metrics name a model only once it is one this app serves: a label per made-up
         # name would grow without bound.
         code, name, version = "200", "?", "?"
@@ -312,31 +312,6 @@ class Embeddings:
                 "input",
             )
         return texts
-
-
-def _shortened_only_at_own_prefix(request: Request, name: str | None = None) -> None:
-    """The routes without their ``/embeddings`` segment exist only at a route prefix that ends
-    with it: at ``/v1``, ``GET /v1/embeddings`` is a POST-only path (405) and ``POST /v1`` or
-    ``GET /v1/x`` no route of this app (404), as before the short routes existed."""
-    segment = serving_apps.EMBEDDINGS.segment
-    root = request.scope.get("root_path", "").rstrip("/")
-    if root.endswith(segment):
-        return
-    path = request.scope["path"]
-    # Serve mounts the app at root_path; servers differ on whether path repeats it.
-    relative = path[len(root) :] if root and path.startswith(root) else path
-    if relative.startswith(segment + "/") or (name is None and relative == segment):
-        return
-    if name is not None and relative == segment:
-        raise serve_http.ApiError(
-            405,
-            "method_not_allowed",
-            f"{serve_http.shown(request.url.path)} takes POST, not GET",
-            headers={"Allow": "POST"},
-        )
-    raise serve_http.ApiError(
-        404, "not_found", f"no such route: {serve_http.shown(request.url.path)}"
-    )
 
 
 def build_app(args: Args) -> serve.Application:

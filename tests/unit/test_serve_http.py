@@ -90,12 +90,10 @@ def test_the_embeddings_short_routes_hold_only_at_their_own_prefix(
 ) -> None:
     from starlette.requests import Request
 
-    from serve_apps import embeddings
-
     request = Request({"type": "http", "root_path": root, "path": path, "headers": []})
     if status is None:
-        embeddings._shortened_only_at_own_prefix(request, name)
+        serve_http.only_at_own_prefix(request, "/embeddings", name)
         return
     with pytest.raises(serve_http.ApiError) as refused:
-        embeddings._shortened_only_at_own_prefix(request, name)
+        serve_http.only_at_own_prefix(request, "/embeddings", name)
     assert refused.value.status == status
