@@ -368,6 +368,17 @@ def _limited(key_id: str, rate: float) -> Denied:
     return Denied(429, "rate_limited", f"key '{key_id}' is limited to {rate:g} requests/s")
 
 
+def replica_ring(path: str | None) -> KeyRing | None:
+    """The key ring a Serve replica checks requests with (shared rate buckets, the cluster's
+    token opening status routes); None when the app names no key file."""
+    if not path:
+        return None
+    from aiaas import settings
+
+    root = settings.current().require_storage_root()
+    return KeyRing(Storage(root), path, shared=True, control_token=cluster_token())
+
+
 def cluster_token() -> str | None:
     """The cluster's Ray token as a process of the cluster finds it; None on a cluster without
     token auth (then no credential but a key opens the status routes)."""

@@ -31,10 +31,9 @@ import numpy as np
 from fastapi import FastAPI, Request
 from ray import serve
 
-from aiaas import api_keys, artifacts, openai_models, registry, serve_http, settings
+from aiaas import api_keys, artifacts, openai_models, registry, serve_http
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
-from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -67,16 +66,7 @@ class Embeddings:
         # ("Already borrowed") when two threads use one at once.
         self.model_thread = concurrent.futures.ThreadPoolExecutor(1, "embeddings-model")
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
-        self.keys = (
-            api_keys.KeyRing(
-                Storage(settings.current().require_storage_root()),
-                args.api_keys_file,
-                shared=True,
-                control_token=api_keys.cluster_token(),
-            )
-            if args.api_keys_file
-            else None
-        )
+        self.keys = api_keys.replica_ring(args.api_keys_file)
         self.catalogue = openai_models.Catalogue()
         self.pending = 0
         batcher: Any = self.embed_batch  # type: ignore[misc]

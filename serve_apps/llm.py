@@ -38,12 +38,10 @@ from aiaas import (
     openai_models,
     registry,
     serve_http,
-    settings,
 )
 from aiaas import metrics as aiaas_metrics
 from aiaas import openai_protocol as protocol
 from aiaas.serving import apps as serving_apps
-from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -89,16 +87,7 @@ class LLMServer:
         self.args = args
         torch.set_num_threads(args.threads)
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
-        self.keys = (
-            api_keys.KeyRing(
-                Storage(settings.current().require_storage_root()),
-                args.api_keys_file,
-                shared=True,
-                control_token=api_keys.cluster_token(),
-            )
-            if args.api_keys_file
-            else None
-        )
+        self.keys = api_keys.replica_ring(args.api_keys_file)
         self.catalogue = openai_models.Catalogue()
         self.retiring: set[asyncio.Task[None]] = set()
         self.requests = aiaas_metrics.LLM_REQUESTS.create(serve=True)

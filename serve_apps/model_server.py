@@ -27,10 +27,9 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from aiaas import api_keys, artifacts, openai_models, registry, serve_http, settings
+from aiaas import api_keys, artifacts, openai_models, registry, serve_http
 from aiaas import metrics as aiaas_metrics
 from aiaas.serving import apps as serving_apps
-from aiaas.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,16 +69,7 @@ class ModelServer:
         self.pending = 0
         self.catalogue = openai_models.Catalogue()
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
-        self.keys = (
-            api_keys.KeyRing(
-                Storage(settings.current().require_storage_root()),
-                args.api_keys_file,
-                shared=True,
-                control_token=api_keys.cluster_token(),
-            )
-            if args.api_keys_file
-            else None
-        )
+        self.keys = api_keys.replica_ring(args.api_keys_file)
         batcher: Any = self.predict_batch  # type: ignore[misc]
         batcher.set_max_batch_size(args.max_batch_size)
         batcher.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
