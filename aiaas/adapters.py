@@ -110,6 +110,20 @@ def local_directory(version: registry.Version) -> Path:
     return artifacts.verified_copy(version) / DATA
 
 
+def trained_on(adapter_directory: Path) -> str:
+    """The base version an adapter's files say it was trained on (``smollm2:1``), from the
+    artifact's MLmodel: a replica that loads from a pin has no registry tags to ask; "" when
+    the artifact does not say."""
+    import yaml
+
+    try:
+        mlmodel = yaml.safe_load((adapter_directory.parent / "MLmodel").read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    flavor = (mlmodel or {}).get("flavors", {}).get("aiaas", {})
+    return str(flavor.get("base_model") or "")
+
+
 def load(base_directory: Path, adapter_directory: Path, *, merge: bool = True) -> Any:
     """The base model (a Hugging Face directory) with the adapter applied, on the CPU, in eval
     mode; merged into the base weights unless ``merge`` is false (then a peft model)."""

@@ -9,7 +9,9 @@ engine does not do: admission limits (running + queued → 503), cancellation th
 result handler (a cancelled request delivers nothing more), and counts for the metrics.
 
 Sampling is ours (:mod:`aiaas.llm_sampling`): the engine runs greedy, and one processor samples
-only the rows that ask for it, each from its own seeded random stream.
+only the rows that ask for it, each from its own seeded random stream. So are LoRA adapters
+(:mod:`aiaas.multi_lora`): with a table, each request may name an adapter slot, and the tokens
+of one step take their own request's adapter.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ import time
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from aiaas import multi_lora
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,12 +74,18 @@ class Engine:
         device: ``cpu`` or ``cuda``.
     """
 
-    def __init__(self, directory: Path, limits: Limits, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        limits: Limits,
+        device: str = "cpu",
+        adapters: multi_lora.TableSize | None = None,
+    ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
         from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-        from aiaas import llm_sampling
+        from aiaas import llm_sampling, multi_lora
 
         self.limits = limits
         self.tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -94,18 +105,34 @@ class Engine:
             eos_token_id=sorted(self.eos_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
         )
+        self.adapters = None if adapters is None else multi_lora.AdapterTable(model, adapters)
+        served_with_adapters: dict[str, Any] = {}
+        if self.adapters is not None:
+            served_with_adapters = {
+                # A prompt's cached keys and values depend on its adapter; the cache's prefix
+                # blocks are shared by token ids alone.
+                "allow_block_sharing": False,
+                # The adapter of each token changes every step: nothing a graph can capture,
+                # and a step prepared while the last one runs would overwrite its ranges.
+                "use_cuda_graph": False,
+                "use_async_batching": False,
+            }
         batching = ContinuousBatchingConfig(
             page_size=PAGE_TOKENS,
             num_blocks=max(2, math.ceil(limits.kv_cache_tokens / PAGE_TOKENS)),
             max_batch_tokens=limits.prefill_chunk_tokens,
             max_requests_per_batch=limits.max_running,
+            **served_with_adapters,
         )
         self._manager = model.init_continuous_batching(
             generation_config=generation, continuous_batching_config=batching
         )
         self.sampler = llm_sampling.Sampler()
         # Before start(): the loop's batch processor takes the list when it is created.
-        self._manager.logit_processor = self.sampler.processors()
+        table = self.adapters
+        self._manager.logit_processor = self.sampler.processors(
+            None if table is None else lambda batch: table.step(adapter_ranges(batch))
+        )
         self._manager.start()
         self._ids = itertools.count()
         self.admitted = 0  # requests inside the engine: queued or generating
@@ -131,9 +158,12 @@ class Engine:
         status = self._manager.background_thread_status
         return self._manager.is_running() and status.fatal_error is None
 
-    async def generate(self, prompt: list[int], sampling: Sampling) -> AsyncGenerator[list[int]]:
+    async def generate(
+        self, prompt: list[int], sampling: Sampling, adapter: int | None = None
+    ) -> AsyncGenerator[list[int]]:
         """Yield the request's new token ids as the engine produces them (usually one at a
         time), until it ends; closing the iterator early cancels the request in the engine.
+        ``adapter`` is a slot of the engine's adapter table (the caller holds its lease).
 
         Raises:
             Overloaded: No running or queued place is free.
@@ -146,7 +176,9 @@ class Engine:
         request_id = f"aiaas-{next(self._ids)}"
         outputs: asyncio.Queue[Any] = asyncio.Queue()
         self._manager.register_result_handler(request_id, outputs.put_nowait)
-        seeded: dict[str, Any] = {} if sampling.seed is None else {"seed": sampling.seed % SEEDS}
+        extra: dict[str, Any] = {} if sampling.seed is None else {"seed": sampling.seed % SEEDS}
+        if adapter is not None:
+            extra["adapter"] = adapter
         self.admitted += 1
         started = finished = False
         try:
@@ -157,7 +189,7 @@ class Engine:
                 streaming=True,
                 temperature=float(sampling.temperature),
                 top_p=float(sampling.top_p),
-                **seeded,
+                **extra,
             )
             sent = 0
             while True:
@@ -205,3 +237,17 @@ class Engine:
             self._manager.stop(block=True, timeout=10)
         except Exception as exc:  # a loop that already died: nothing left to stop
             logger.warning("stopping the generation engine: %s", exc)
+
+
+def adapter_ranges(batch: list[Any]) -> list[tuple[int, int, int]]:
+    """The token ranges ``(start, end, slot)`` of the requests of one engine step that use an
+    adapter: the engine lays each request's tokens out in batch order."""
+    ranges = []
+    start = 0
+    for future in batch:
+        end = start + future.query_length
+        slot = future.state.logit_processor_kwargs.get("adapter")
+        if slot is not None:
+            ranges.append((start, end, slot))
+        start = end
+    return ranges

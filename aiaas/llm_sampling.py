@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -35,16 +36,20 @@ class Sampler(ContinuousBatchingLogitsProcessor):
     """
 
     def __init__(self) -> None:
-        self.supported_kwargs = {"temperature": float, "top_p": float, "seed": int}
+        # ``adapter`` is the batch hook's (the engine's adapter slot of a request), not ours.
+        self.supported_kwargs = {"temperature": float, "top_p": float, "seed": int, "adapter": int}
         self.ignored_kwargs = ()
         self._rows: list[tuple[str, float, float, int | None]] = []
         self._generators: dict[str, torch.Generator] = {}
         self._lock = threading.Lock()
         self._unseeded = torch.Generator().manual_seed(torch.seed())
 
-    def processors(self) -> ContinuousBatchingLogitsProcessorList:
-        """The engine's processor list holding only this one."""
-        found = ContinuousBatchingLogitsProcessorList(LogitsProcessorList([self]))
+    def processors(
+        self, before_batch: Callable[[list[Any]], None] | None = None
+    ) -> ContinuousBatchingLogitsProcessorList:
+        """The engine's processor list holding only this one; ``before_batch`` is told of each
+        step's whole batch (every request, in token order) before the step runs."""
+        found = Processors(LogitsProcessorList([self]), before_batch)
         found.tensors_required = 1  # one argument row; ours carries nothing the step reads
         return found
 
@@ -103,3 +108,19 @@ class Sampler(ContinuousBatchingLogitsProcessor):
             if found is None:
                 found = self._generators[request_id] = torch.Generator().manual_seed(seed)
             return found
+
+
+class Processors(ContinuousBatchingLogitsProcessorList):
+    """The engine's processor list, with a hook on each whole batch: processors see only the
+    requests that get a new token, an adapter table needs every request's tokens."""
+
+    def __init__(
+        self, processors: LogitsProcessorList, before_batch: Callable[[list[Any]], None] | None
+    ) -> None:
+        super().__init__(processors)
+        self.before_batch = before_batch
+
+    def prepare_tensor_args(self, requests_in_batch: list[Any], arg_storage: torch.Tensor) -> Any:
+        if self.before_batch is not None:
+            self.before_batch(requests_in_batch)
+        return super().prepare_tensor_args(requests_in_batch, arg_storage)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
 from fastapi import FastAPI, Request
@@ -266,7 +266,7 @@ class Slots(Generic[T]):
 
     def __init__(
         self,
-        served: list[apps.ServedModel],
+        served: Sequence[apps.ServedModel],
         load: Callable[[registry.Version], T],
         user_config: dict[str, Any] | None = None,
     ) -> None:

@@ -9,6 +9,13 @@
   server is deployed, ``/v1/models`` is its route and it answers the same list)
 - ``GET /v1/llm/{model}`` → readiness, the version served, and the engine's load
 
+LoRA adapters (entries with ``adapter_of``) are served by their base model's engine on the same
+replicas, chosen by the request's ``model``: an adapter version is read and checked when it is
+pinned, copied into the engine's adapter table on first use (:mod:`aiaas.multi_lora`: requests
+of different adapters and of the base share one batch), and kept in a bounded per-replica cache
+(Ray Serve's model multiplexing: least recently used go first, and a request with the
+``serve_multiplexed_model_id`` header naming the adapter is routed to a replica holding it).
+
 Each replica runs one continuous-batching engine per served version
 (:mod:`aiaas.llm_engine`): requests join the running batch at the next decoding step. Versions
 are pinned and switched in place as in the other apps; a stream that started on the old version
@@ -31,10 +38,13 @@ from fastapi.responses import StreamingResponse
 from ray import serve
 
 from aiaas import (
+    adapters,
     api_keys,
     causal_lm,
+    errors,
     llm_engine,
     llm_text,
+    multi_lora,
     openai_models,
     registry,
     serve_http,
@@ -48,6 +58,8 @@ logger = logging.getLogger("ray.serve")
 #: The app's arguments (the ``args:`` of its entry in a Serve config file), owned by the library.
 Args = serving_apps.LLMArgs
 RETIRE_GRACE_S = 2.0
+#: Adapter slots beyond the cache's size: evicted adapters whose streams still run hold theirs.
+SPARE_ADAPTER_SLOTS = 4
 
 
 @dataclass
@@ -59,6 +71,16 @@ class Loaded:
     created: int
     context: int
     streams: int = 0
+
+
+@dataclass
+class AdapterVersion:
+    """An adapter version pinned in this replica: read and checked; in the engine on first use."""
+
+    version: str
+    created: int
+    weights: multi_lora.AdapterWeights
+    parent: str  # the base version it was trained on
 
 
 @dataclass
@@ -86,7 +108,19 @@ class LLMServer:
 
         self.args = args
         torch.set_num_threads(args.threads)
+        self.adapter_bases = {m.name: m.adapter_of for m in args.models if m.adapter_of}
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
+        for name, base in self.adapter_bases.items():  # a base loaded after its adapter
+            self._check_fits(self.slots.loaded[name], self.slots.loaded[base])
+        # Ray Serve's model multiplexing owns the per-replica adapter cache (LRU, metrics, and
+        # routing by the serve_multiplexed_model_id header); what it caches is a holder.
+        async def new_holder(name: str) -> multi_lora.Holder:
+            return multi_lora.Holder()
+
+        # A function of its own: Serve keeps its cache on the function object.
+        self.adapter_holder = serve.multiplexed(
+            max_num_models_per_replica=args.max_adapters_per_replica
+        )(new_holder)
         self.keys = api_keys.replica_ring(args.api_keys_file)
         self.catalogue = openai_models.Catalogue()
         self.retiring: set[asyncio.Task[None]] = set()
@@ -98,7 +132,9 @@ class LLMServer:
         self.running = aiaas_metrics.LLM_RUNNING.create(serve=True)
         self.waiting = aiaas_metrics.LLM_WAITING.create(serve=True)
 
-    def _load(self, version: registry.Version) -> Loaded:
+    def _load(self, version: registry.Version) -> Loaded | AdapterVersion:
+        if version.format == adapters.FORMAT:
+            return self._read_adapter(version)
         directory = causal_lm.local_directory(version)
         limits = llm_engine.Limits(
             self.args.max_running,
@@ -106,18 +142,80 @@ class LLMServer:
             self.args.kv_cache_tokens,
             self.args.prefill_chunk_tokens,
         )
-        engine = llm_engine.Engine(directory, limits, "cuda" if self.args.use_gpu else "cpu")
+        table = None
+        if self.args.serves_adapters:
+            table = multi_lora.TableSize(
+                self.args.max_adapters_per_replica + SPARE_ADAPTER_SLOTS,
+                self.args.max_adapter_rank,
+                tuple(self.args.adapter_targets),
+            )
+        device = "cuda" if self.args.use_gpu else "cpu"
+        engine = llm_engine.Engine(directory, limits, device, table)
         seconds = engine.warm_up()
         logger.info("%s:%s ready (warm-up %.1fs)", version.name, version.version, seconds)
         context = min(engine.context_length, self.args.max_context_tokens or 1 << 30)
         return Loaded(version.version, engine, int(version.created), context)
+
+    def _read_adapter(self, version: registry.Version) -> AdapterVersion:
+        """An adapter version's files, read and checked against its base when that is loaded
+        (a version that does not fit fails here, and the last good one keeps serving)."""
+        directory = adapters.local_directory(version)
+        try:
+            weights = multi_lora.read(directory)
+        except multi_lora.AdapterProblem as exc:
+            raise errors.ConfigError(
+                f"{version.name}:{version.version}: {exc}", "Serve a plain LoRA adapter."
+            ) from None
+        parent = version.lineage.get("parent") or adapters.trained_on(directory)
+        adapter = AdapterVersion(version.version, int(version.created), weights, parent)
+        slots = getattr(self, "slots", None)
+        if slots is not None:
+            for name, base in self.adapter_bases.items():
+                if slots.entries[name].name == version.name and base in slots.loaded:
+                    self._check_fits(adapter, slots.loaded[base])
+        return adapter
+
+    @staticmethod
+    def _check_fits(adapter: Any, base: Any) -> None:
+        if base.engine.adapters is None:
+            return
+        try:
+            base.engine.adapters.check(adapter.weights)
+        except multi_lora.AdapterProblem as exc:
+            raise errors.ConfigError(
+                f"the adapter version {adapter.version} does not fit its base model: {exc}",
+                "Serve it beside the base model it was trained on.",
+            ) from None
+
+    def _resolved(self, name: str) -> tuple[Loaded, AdapterVersion | None]:
+        """What answers ``name``: the engine, and for an adapter its version (404 for a name
+        this app does not serve)."""
+        found = self.slots.get(name)
+        if isinstance(found, Loaded):
+            return found, None
+        base = self.slots.get(self.adapter_bases[name])
+        assert isinstance(base, Loaded)
+        return base, found
+
+    async def _lease(self, name: str, base: Loaded, adapter: AdapterVersion) -> multi_lora.Lease:
+        """A lease of the adapter's slot in the base engine (installed there on first use)."""
+        table = base.engine.adapters
+        assert table is not None
+        holder = await self.adapter_holder(name)
+        # No await between the holder and its lease: the cache cannot evict it in between.
+        try:
+            return holder.lease(table, adapter.weights, (adapter.version, id(base)))
+        except multi_lora.NoFreeSlot:
+            raise serve_http.ApiError(
+                503, "adapters_busy", "every adapter slot of this replica is in use; retry"
+            ) from None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Switch to pinned versions; a replaced engine stops after its last stream."""
         before = dict(self.slots.loaded)
         await self.slots.apply(user_config)
         for name, old in before.items():
-            if self.slots.loaded.get(name) is not old:
+            if isinstance(old, Loaded) and self.slots.loaded.get(name) is not old:
                 task = asyncio.get_running_loop().create_task(self._retire(old))
                 self.retiring.add(task)
                 task.add_done_callback(self.retiring.discard)
@@ -135,7 +233,7 @@ class LLMServer:
     def check_health(self) -> None:
         """Serve's health check: a dead engine loop makes the replica unhealthy (restarted)."""
         for name, loaded in self.slots.loaded.items():
-            if not loaded.engine.alive:
+            if isinstance(loaded, Loaded) and not loaded.engine.alive:
                 raise RuntimeError(f"the engine of {name}:{loaded.version} stopped")
 
     async def _authorize(self, request: Request, status: bool = False) -> str | None:
@@ -145,18 +243,22 @@ class LLMServer:
 
     def openai_models(self) -> list[dict[str, Any]]:
         """This app's models in OpenAI's shape (what ``GET /v1/models`` of any app lists)."""
-        return [
-            {
+        found = []
+        for name, loaded in self.slots.loaded.items():
+            base = self.slots.loaded.get(self.adapter_bases.get(name, name))
+            entry = {
                 "id": name,
                 "object": "model",
                 "created": loaded.created,
                 "owned_by": "aiaas",
                 "version": loaded.version,
                 "kind": "chat",
-                "context_length": loaded.context,
+                "context_length": base.context if isinstance(base, Loaded) else None,
             }
-            for name, loaded in self.slots.loaded.items()
-        ]
+            if isinstance(loaded, AdapterVersion):
+                entry["parent"] = self.adapter_bases[name]
+            found.append(entry)
+        return found
 
     @app.get("/models")
     async def list_models(self, request: Request) -> dict[str, Any]:
@@ -167,17 +269,29 @@ class LLMServer:
     @app.get("/llm/{name}")
     async def model_status(self, name: str, request: Request) -> dict[str, Any]:
         await self._authorize(request, status=True)
-        loaded = self.slots.get(name)
+        found = self.slots.get(name)
+        base = found
+        if isinstance(found, AdapterVersion):
+            base = self.slots.get(self.adapter_bases[name])
+        assert isinstance(base, Loaded)
         status: dict[str, Any] = {
             "name": name,
             "model": str(self.slots.entries[name]),
-            "ready": loaded.engine.alive,
-            "version": loaded.version,
+            "ready": base.engine.alive,
+            "version": found.version,
             "format": causal_lm.FORMAT,
-            "context_length": loaded.context,
-            "running": loaded.engine.running,
-            "waiting": loaded.engine.waiting,
+            "context_length": base.context,
+            "running": base.engine.running,
+            "waiting": base.engine.waiting,
         }
+        if isinstance(found, AdapterVersion):
+            status.update(
+                format=adapters.FORMAT,
+                adapter_of=self.adapter_bases[name],
+                base_version=base.version,
+                trained_on=found.parent,
+                adapter=multi_lora.describe(found.weights),
+            )
         if name in self.slots.failed:
             status["failed_version"] = self.slots.failed[name]
         return status
@@ -206,8 +320,8 @@ class LLMServer:
                 raise serve_http.body_timeout(self.args.request_timeout_s) from None
             model = protocol.ChatRequest if kind == "chat" else protocol.CompletionRequest
             parsed = protocol.parse(model, body)
-            loaded = self.slots.get(parsed.model)
-            name, version = parsed.model, loaded.version
+            loaded, adapter = self._resolved(parsed.model)
+            name, version = parsed.model, (adapter or loaded).version
             prompt, sampling, stops = self._prepared(parsed, kind, loaded)
             if not loaded.engine.alive:
                 raise serve_http.ApiError(503, "engine_stopped", "the model's engine stopped")
@@ -217,9 +331,12 @@ class LLMServer:
                 )
             request_id = protocol.completion_id(kind)
             tally = Tally(len(prompt))
-            generation = self._generate(loaded, name, prompt, sampling, stops, arrived, key, tally)
+            lease = None if adapter is None else await self._lease(name, loaded, adapter)
+            generation = self._generate(
+                loaded, name, version, prompt, sampling, stops, arrived, key, tally, lease
+            )
             if parsed.stream:
-                events = self._events(generation, tally, kind, request_id, name, loaded, parsed)
+                events = self._events(generation, tally, kind, request_id, name, version, parsed)
                 return StreamingResponse(
                     events,
                     media_type="text/event-stream",
@@ -277,17 +394,19 @@ class LLMServer:
         self,
         loaded: Loaded,
         name: str,
+        version: str,
         prompt: list[int],
         sampling: llm_engine.Sampling,
         stops: tuple[str, ...],
         arrived: float,
         key: str | None,
         tally: Tally,
+        lease: multi_lora.Lease | None,
     ) -> AsyncGenerator[tuple[str, str | None]]:
         """Yield ``(text, finish_reason)`` as text is ready (``tally`` counting the tokens); the
         last item carries the finish reason. Closing it early (a client gone) cancels the
-        engine's request."""
-        tags = {"model": name, "version": loaded.version}
+        engine's request; the adapter's ``lease`` ends with it."""
+        tags = {"model": name, "version": version}
         engine = loaded.engine
         text = llm_text.TextStream(engine.tokenizer, stops)
         produced, first, last = 0, 0.0, 0.0
@@ -296,7 +415,7 @@ class LLMServer:
         self.prompt_tokens.inc(len(prompt), tags=tags)
         self._gauges(loaded, tags)
         deadline = arrived + self.args.request_timeout_s
-        tokens = engine.generate(prompt, sampling)
+        tokens = engine.generate(prompt, sampling, None if lease is None else lease.slot)
         try:
             while True:
                 # A deadline per step, not a timeout around the loop: this generator yields
@@ -334,6 +453,8 @@ class LLMServer:
             ) from None
         finally:
             await tokens.aclose()
+            if lease is not None:
+                lease.close()
             loaded.streams -= 1
             if produced:
                 self.output_tokens.inc(produced, tags=tags)
@@ -363,14 +484,13 @@ class LLMServer:
         kind: str,
         request_id: str,
         name: str,
-        loaded: Loaded,
+        version: str,
         parsed: Any,
     ) -> AsyncIterator[str]:
         """Server-sent events of one stream. An error after the stream began cannot change the
         status code any more: it is sent as an ``error`` event before ``[DONE]``."""
         created = int(time.time())
         include_usage = parsed.include_usage()
-        version = loaded.version
 
         def event(payload: dict[str, Any]) -> str:
             return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"

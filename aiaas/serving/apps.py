@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 if TYPE_CHECKING:
     from ray.serve.schema import ServeApplicationSchema
@@ -127,11 +127,26 @@ class VLLMOptions(BaseModel):
         return value
 
 
+#: The projections a served LoRA adapter may change unless a config names others (Llama's).
+ADAPTER_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LLMServedModel(ServedModel):
+    """A model of the LLM app: a causal LM, or a LoRA adapter served on one of them."""
+
+    adapter_of: str | None = Field(
+        None,
+        description="for a LoRA adapter version (aiaas finetune): the 'name' of the entry whose "
+        "replicas serve it, beside that base model",
+    )
+
+
 class LLMArgs(AppArgs):
     """The LLM app's arguments (``serve_apps.llm``): OpenAI chat and completions."""
 
-    models: list[ServedModel] = Field(
-        min_length=1, description="causal LM versions served; 'name' is the request's 'model'"
+    models: list[LLMServedModel] = Field(  # type: ignore[assignment]
+        min_length=1,
+        description="causal LM versions and LoRA adapters served; 'name' is the request's 'model'",
     )
     engine: Literal["transformers", "vllm"] = Field(
         "transformers",
@@ -175,6 +190,54 @@ class LLMArgs(AppArgs):
     vllm: VLLMOptions = Field(
         default_factory=VLLMOptions, description="engine: vllm only (Ray Serve LLM's LLMConfig)"
     )
+    max_adapters_per_replica: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="LoRA adapters one replica keeps loaded (least recently used go first; "
+        "Ray Serve's model multiplexing)",
+    )
+    max_adapter_rank: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="largest LoRA rank served: each adapter slot is this wide (for SmolLM2 "
+        "~1.3 MB per rank unit on every projection)",
+    )
+    adapter_targets: list[str] = Field(
+        default_factory=lambda: list(ADAPTER_TARGETS),
+        min_length=1,
+        description="the base model's projections adapters may change",
+    )
+
+    @field_validator("models")
+    @classmethod
+    def _adapters_of_served_bases(cls, value: list[LLMServedModel]) -> list[LLMServedModel]:
+        names = [entry.name for entry in value]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"model names must differ; {', '.join(twice)} is used twice")
+        bases = {entry.name for entry in value if entry.adapter_of is None}
+        for entry in value:
+            if entry.adapter_of is not None and entry.adapter_of not in bases:
+                raise ValueError(
+                    f"'{entry.name}' is an adapter of '{entry.adapter_of}', which is no base "
+                    f"model of this app (its base models: {', '.join(sorted(bases)) or 'none'})"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _adapters_need_our_engine(self) -> LLMArgs:
+        if self.engine == "vllm" and self.serves_adapters:
+            raise ValueError(
+                "engine: vllm serves no registered LoRA adapters here yet; serve them with "
+                "engine: transformers"
+            )
+        return self
+
+    @property
+    def serves_adapters(self) -> bool:
+        return any(entry.adapter_of for entry in self.models)
 
     @field_validator("api_keys_file")
     @classmethod
@@ -245,7 +308,7 @@ EMBEDDINGS = ModelApp(
 LLM = ModelApp(
     import_path="serve_apps.llm:build_app",
     deployment="LLMServer",
-    formats=("hf-causal-lm",),
+    formats=("hf-causal-lm", "hf-lora-adapter"),
     status_path="/llm/{name}",
     call="POST /chat/completions",
     args=LLMArgs,

@@ -125,7 +125,42 @@ def _pinned(path: Path, app: ServeApplicationSchema, uri: str | None) -> ServeAp
                 f"{apps.MODEL_SERVER.import_path}.",
             )
         found[entry.name] = version
+    if isinstance(args, apps.LLMArgs):
+        _check_adapters(path, app, args, found)
     return pins.pin(app, kind.deployment, found)
+
+
+def _check_adapters(
+    path: Path, app: ServeApplicationSchema, args: apps.LLMArgs, found: dict[str, Any]
+) -> None:
+    """LLM entries are causal LMs, adapters (``adapter_of``) are adapters of that base model."""
+    causal_format, adapters_format = apps.LLM.formats
+    for entry in args.models:
+        version = found[entry.name]
+        where = f"{path}: app '{app.name}', model '{entry.name}'"
+        wanted = adapters_format if entry.adapter_of else causal_format
+        if version.format != wanted:
+            hint = (
+                "Name a version that aiaas finetune registered, or drop adapter_of."
+                if entry.adapter_of
+                else "Serve an adapter with adapter_of: <its base model's name> beside the base."
+            )
+            raise errors.ConfigError(
+                f"{where}: {version.name}:{version.version} is a '{version.format}' model; "
+                f"{'adapter_of needs' if entry.adapter_of else 'a base model entry needs'} "
+                f"a '{wanted}' one",
+                hint,
+            )
+        if entry.adapter_of is None:
+            continue
+        base = found[entry.adapter_of]
+        parent = version.lineage.get("parent", "")
+        if parent.split(":", 1)[0] != base.name:
+            raise errors.ConfigError(
+                f"{where}: {version.name}:{version.version} was trained on {parent or 'an unknown'}"
+                f" base model, but '{entry.adapter_of}' serves {base.name}:{base.version}",
+                f"Serve it with adapter_of naming an entry of {parent.split(':', 1)[0]}.",
+            )
 
 
 def status(cluster: ClusterConfig) -> tuple[str, list[AppStatus]]:

@@ -254,3 +254,88 @@ def test_an_app_on_a_running_apps_route_prefix_is_refused_before_serve_sees_it(
     )
     assert "aiaas serve delete other" in refused.value.hint
     assert double.puts == []
+
+
+def _llm_registry(monkeypatch: pytest.MonkeyPatch, adapter_parent: str) -> None:
+    """smollm2:1 (a causal LM), iso-dates:1 (an adapter trained on ``adapter_parent``) and
+    digits-mlp:3 (a classifier)."""
+    formats = {"smollm2": "hf-causal-lm", "iso-dates": "hf-lora-adapter", "digits-mlp": "onnx"}
+
+    def resolve(ref: registry.ModelRef, uri: str | None = None, **_: Any) -> registry.Version:
+        tags = {registry.FORMAT_TAG: formats[ref.name], registry.READY_TAG: "true"}
+        if ref.name == "iso-dates":
+            tags[registry.LINEAGE_PREFIX + "parent"] = adapter_parent
+        return registry.Version(
+            name=ref.name, version=ref.version or "1", run_id="r", created=0.0, tags=tags
+        )
+
+    monkeypatch.setattr(registry, "resolve", resolve)
+
+
+def _llm_config(tmp_path: Path, models: list[dict[str, str]]) -> Path:
+    import yaml
+
+    config = yaml.safe_load((support.REPO / "configs/serve/llm_adapters.yaml").read_text())
+    config["applications"][0]["args"]["models"] = models
+    path = tmp_path / "llm.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+BASE = {"name": "smollm2", "model": "smollm2@production"}
+ADAPTER = {"name": "iso-dates", "model": "iso-dates@production", "adapter_of": "smollm2"}
+
+
+def test_an_adapter_is_pinned_beside_the_base_model_it_was_trained_on(
+    serve: tuple[ServeDouble, ClusterConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, cluster = serve
+    _llm_registry(monkeypatch, "smollm2:1")
+    assert serving.deploy(cluster, _llm_config(tmp_path, [BASE, ADAPTER]), dry_run=True) == ["llm"]
+
+
+@pytest.mark.parametrize(
+    ("models", "parent", "message"),
+    [
+        (
+            [BASE, {**ADAPTER, "adapter_of": None}],
+            "smollm2:1",
+            "model 'iso-dates': iso-dates:1 is a 'hf-lora-adapter' model; a base model entry "
+            "needs a 'hf-causal-lm' one",
+        ),
+        (
+            [BASE, {**ADAPTER, "model": "smollm2:1"}],
+            "smollm2:1",
+            "model 'iso-dates': smollm2:1 is a 'hf-causal-lm' model; adapter_of needs a "
+            "'hf-lora-adapter' one",
+        ),
+        (
+            [BASE, ADAPTER],
+            "llama:2",
+            "model 'iso-dates': iso-dates:1 was trained on llama:2 base model, but 'smollm2' "
+            "serves smollm2:1",
+        ),
+    ],
+)
+def test_an_adapter_that_does_not_fit_its_entry_is_refused_before_serve_sees_it(
+    serve: tuple[ServeDouble, ClusterConfig],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    models: list[dict[str, Any]],
+    parent: str,
+    message: str,
+) -> None:
+    double, cluster = serve
+    _llm_registry(monkeypatch, parent)
+    with pytest.raises(errors.ConfigError) as refused:
+        serving.deploy(cluster, _llm_config(tmp_path, models), dry_run=True)
+    assert message in refused.value.message
+    assert double.puts == []
+
+
+def test_an_adapter_of_no_base_entry_is_a_config_error_naming_the_field(tmp_path: Path) -> None:
+    path = _llm_config(tmp_path, [BASE, {**ADAPTER, "adapter_of": "smollm3"}])
+    with pytest.raises(errors.ConfigError) as refused:
+        serving.read_config(path)
+    text = str(refused.value)
+    assert "models" in text and "'iso-dates' is an adapter of 'smollm3', which is no base" in text
