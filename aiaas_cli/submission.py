@@ -111,10 +111,16 @@ def step_line(event: dict[str, Any]) -> str:
 
 def gate_text(figures: dict[str, Any]) -> str:
     """A fine-tuning gate's figures in one phrase."""
-    return (
+    text = (
         f"eval loss {figures['eval_loss']:.4f} (base {figures['base_eval_loss']:.4f}), "
         f"exact match {figures['exact_match']:.4f} ({figures['matched']}/{figures['test_rows']})"
     )
+    if figures.get("base_exact_match") is not None:
+        text += (
+            f" (base {figures['base_exact_match']:.4f}, "
+            f"{figures['base_matched']}/{figures['test_rows']})"
+        )
+    return text
 
 
 def print_outcome(record: JobRecord) -> None:

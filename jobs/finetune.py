@@ -76,7 +76,7 @@ def main(argv: list[str]) -> int:
         print(
             f"{verb} {registered.model} version {registered.version} (validation loss "
             f"{figures.eval_loss:.4f}, base {figures.base_eval_loss:.4f}; exact match "
-            f"{figures.exact_match:.4f})"
+            f"{figures.exact_match:.4f}, base {figures.base_exact_match or 0.0:.4f})"
         )
     return code
 

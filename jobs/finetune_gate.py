@@ -94,17 +94,29 @@ def judge(
     *,
     max_new_tokens: int,
     batch: int,
+    base: Any = None,
 ) -> outcomes.GateFigures:
     """The gate's figures: the losses the checkpoint's step reported, and exact match of the
-    model's greedy answers to ``prompts``."""
-    said = answers(model, tokenizer, [messages for messages, _ in prompts], max_new_tokens, batch)
-    matched = sum(score(answer, target) for answer, (_, target) in zip(said, prompts, strict=True))
+    model's greedy answers to ``prompts`` (and of the ``base`` model's, when given)."""
+    conversations = [messages for messages, _ in prompts]
+
+    def matched_by(chosen: Any) -> int:
+        said = answers(chosen, tokenizer, conversations, max_new_tokens, batch)
+        return sum(score(answer, target) for answer, (_, target) in zip(said, prompts, strict=True))
+
+    def share(count: int) -> float:
+        return round(count / len(prompts), 6) if prompts else 0.0
+
+    matched = matched_by(model)
+    base_matched = matched_by(base) if base is not None else None
     return outcomes.GateFigures(
         eval_loss=round(float(reported["eval_loss"]), 6),
         base_eval_loss=round(float(reported["base_eval_loss"]), 6),
-        exact_match=round(matched / len(prompts), 6) if prompts else 0.0,
+        exact_match=share(matched),
         matched=matched,
         test_rows=len(prompts),
+        base_exact_match=None if base_matched is None else share(base_matched),
+        base_matched=base_matched,
     )
 
 
@@ -114,14 +126,16 @@ def evaluate_and_register(
     prepared: finetune_trainer.Prepared,
     result: Any,
     summary: outcomes.RunSummary,
+    lineage_extra: dict[str, str] | None = None,
 ) -> outcomes.FinetuneOutcome:
-    """Judge the run's latest checkpoint; log the run and register it if the gate holds.
+    """Judge the run's latest checkpoint; log the run and register it if the gate holds
+    (``lineage_extra``: what a tune run adds to the version's lineage).
 
     Raises:
         entrypoint.GateFailed: The gate does not hold; nothing is registered.
     """
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = finetune_trainer.latest_checkpoint(config, result)
     history = finetune_trainer.history(result)
@@ -135,6 +149,10 @@ def evaluate_and_register(
         reported = finetune_weights.read_figures(Path(directory))
         model = finetune_weights.load_trained(config, prepared.base_directory, Path(directory))
         tokenizer = AutoTokenizer.from_pretrained(prepared.base_directory)
+        # The base model answers the same prompts: the figure the fine-tune is measured from.
+        untrained = AutoModelForCausalLM.from_pretrained(
+            prepared.base_directory, dtype=torch.float32
+        ).eval()
         figures = judge(
             reported,
             model,
@@ -143,8 +161,9 @@ def evaluate_and_register(
             skill_score(),
             max_new_tokens=new_tokens,
             batch=config.batch_size,
+            base=untrained,
         )
-        del model
+        del model, untrained
         progress.emit({"gate": figures.record()})
         outcome = outcomes.FinetuneOutcome.model_validate(
             {
@@ -159,13 +178,23 @@ def evaluate_and_register(
         )
         if config.registration is None or spec is None:
             return outcome
-        lineage = finetune_lineage(config, config_path, prepared, figures)
+        lineage = {
+            **finetune_lineage(config, config_path, prepared, figures),
+            **(lineage_extra or {}),
+        }
         run_id = registration.log_run(
             experiment=config.name,
             run_name=lineage["job_id"],
             params=gate.flatten(config.model_dump(mode="json")),
             history=[step.record() for step in history],
-            metrics={"exact_match": figures.exact_match},
+            metrics={
+                "exact_match": figures.exact_match,
+                **(
+                    {"base_exact_match": figures.base_exact_match}
+                    if figures.base_exact_match is not None
+                    else {}
+                ),
+            },
             tags=lineage,
             step_key="step",
         )
@@ -218,6 +247,10 @@ def finetune_lineage(
         "base_eval_loss": f"{figures.base_eval_loss:.6f}",
         "exact_match": f"{figures.exact_match:.4f} ({figures.matched}/{figures.test_rows})",
     }
+    if figures.base_exact_match is not None:
+        lineage["base_exact_match"] = (
+            f"{figures.base_exact_match:.4f} ({figures.base_matched}/{figures.test_rows})"
+        )
     if config.method == "lora":
         lora = config.adapter
         lineage["lora"] = (

@@ -96,6 +96,10 @@ class GateFigures(OutcomeModel):
     exact_match: float = Field(description="share of test prompts answered exactly")
     matched: int = Field(description="test prompts answered exactly")
     test_rows: int = Field(description="test prompts answered")
+    base_exact_match: float | None = Field(
+        None, description="the same share for the base model (before aiaas measured it: None)"
+    )
+    base_matched: int | None = Field(None, description="test prompts the base answered exactly")
 
 
 class StepMetrics(OutcomeModel):

@@ -143,6 +143,68 @@ def trained(digits: RunningCluster, tmp_path_factory: pytest.TempPathFactory) ->
     return TrainedModel(digits, "lifecycle-mlp", "1")
 
 
+def ray_job_logs(cluster: RunningCluster, submission_id: str) -> str:
+    """The job's log as Ray's own CLI prints it (with the cluster's token)."""
+    return support.run(
+        "ray",
+        "job",
+        "logs",
+        "--address",
+        cluster.dashboard_url,
+        submission_id,
+        ray_env=cluster.ray_env,
+    ).stdout
+
+
+def train_worker_nodes(cluster: RunningCluster) -> set[str]:
+    """Names of the nodes where Ray Train workers of a running job live."""
+    import httpx
+
+    url = cluster.dashboard_url
+    headers = cluster.headers
+    actors = httpx.get(
+        f"{url}/api/v0/actors",
+        params={"limit": 10000, "detail": "true"},
+        headers=headers,
+        timeout=30,
+    )
+    nodes = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1000}, headers=headers, timeout=30)
+    try:
+        names = {n["node_id"]: n["node_name"] for n in nodes.json()["data"]["result"]["result"]}
+        found = actors.json()["data"]["result"]["result"]
+    except (KeyError, TypeError, ValueError):
+        return set()  # a busy dashboard's error answer: the caller asks again
+    return {
+        names.get(actor["node_id"], "?")
+        for actor in found
+        if actor["class_name"] == "RayTrainWorker" and actor["state"] == "ALIVE"
+    }
+
+
+def kill_a_train_worker_node(cluster: RunningCluster) -> str:
+    """SIGKILL every process of a worker node (not the head) that holds a Ray Train worker of
+    the running job; its name. The state API is a snapshot (an actor between restarts, a
+    partial answer from a busy dashboard), so it is asked until it shows one."""
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 120
+    while not (victims := sorted(train_worker_nodes(cluster) - {"head", "?"})):
+        assert time.monotonic() < deadline, "no Ray Train worker was seen on a worker node"
+        time.sleep(1)
+    victim = next(node for node in cluster.state()["nodes"] if node["name"] == victims[0])
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == victim["pid"]:
+                process.send_signal(signal.SIGKILL)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return str(victims[0])
+
+
 def serve_url(deploy_output: str) -> str:
     """The address Serve answers on, as `aiaas serve deploy` printed it (Serve keeps the port
     of the first deploy of a session)."""

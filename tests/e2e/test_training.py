@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 import time
 from pathlib import Path
 
-import httpx
 import mlflow
 import pandas as pd
-import psutil
 import pytest
 import yaml
 
 from aiaas import progress
 from tests import support
-from tests.e2e.conftest import RunningCluster, aiaas_cli, mlflow_uri, storage_root, variant
+from tests.e2e.conftest import (
+    RunningCluster,
+    aiaas_cli,
+    kill_a_train_worker_node,
+    mlflow_uri,
+    ray_job_logs,
+    storage_root,
+    variant,
+)
 
 
 def _submit(cluster: RunningCluster, path: Path) -> str:
@@ -120,7 +124,7 @@ def test_stopped_job_is_stopped_and_registers_nothing(
     )
     deadline = time.monotonic() + 240
     # Epoch 1 reported means epoch 0's checkpoint is stored.
-    while '"epoch": 1,' not in _ray_job_logs(digits, submission_id):
+    while '"epoch": 1,' not in ray_job_logs(digits, submission_id):
         assert time.monotonic() < deadline, "the job never reached its second epoch"
         time.sleep(2)
     stopped = aiaas_cli(digits, "jobs", "stop", submission_id)
@@ -163,29 +167,6 @@ def test_job_records_outlive_the_cluster(digits: RunningCluster, tmp_path: Path)
     assert "SUCCEEDED" in result.stdout
 
 
-def _train_worker_nodes(cluster: RunningCluster) -> set[str]:
-    """Names of the nodes where Ray Train workers of a running job live."""
-    url = cluster.dashboard_url
-    headers = cluster.headers
-    actors = httpx.get(
-        f"{url}/api/v0/actors",
-        params={"limit": 10000, "detail": "true"},
-        headers=headers,
-        timeout=30,
-    )
-    nodes = httpx.get(f"{url}/api/v0/nodes", params={"limit": 1000}, headers=headers, timeout=30)
-    try:
-        names = {n["node_id"]: n["node_name"] for n in nodes.json()["data"]["result"]["result"]}
-        found = actors.json()["data"]["result"]["result"]
-    except (KeyError, TypeError, ValueError):
-        return set()  # a busy dashboard's error answer: the caller asks again
-    return {
-        names.get(actor["node_id"], "?")
-        for actor in found
-        if actor["class_name"] == "RayTrainWorker" and actor["state"] == "ALIVE"
-    }
-
-
 @pytest.mark.slow
 def test_losing_a_worker_node_resumes_from_the_checkpoint(
     digits: RunningCluster, tmp_path: Path
@@ -201,26 +182,14 @@ def test_losing_a_worker_node_resumes_from_the_checkpoint(
     submission_id = _submit(digits, path)
 
     def log() -> str:
-        return _ray_job_logs(digits, submission_id)
+        return ray_job_logs(digits, submission_id)
 
     deadline = time.monotonic() + 300
     while '"epoch": 3,' not in log():
         assert time.monotonic() < deadline, "training never reached epoch 4"
         time.sleep(1)
-    # STRICT_SPREAD puts the two workers on two nodes, so one is on a worker node; but the
-    # state API is a snapshot (an actor between restarts, a partial answer from a busy
-    # dashboard), so it is asked until it shows one rather than once.
-    deadline = time.monotonic() + 120
-    while not (victims := sorted(_train_worker_nodes(digits) - {"head", "?"})):
-        assert time.monotonic() < deadline, "no Ray Train worker was seen on a worker node"
-        time.sleep(1)
-    victim = next(node for node in digits.state()["nodes"] if node["name"] == victims[0])
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == victim["pid"]:
-                process.send_signal(signal.SIGKILL)
-        except (ProcessLookupError, psutil.Error):
-            continue
+    # STRICT_SPREAD puts the two workers on two nodes, so one is on a worker node.
+    kill_a_train_worker_node(digits)
 
     status = aiaas_cli(digits, "jobs", "status", submission_id, "--json")
     deadline = time.monotonic() + 600
@@ -266,16 +235,3 @@ def test_a_damaged_data_set_fails_the_job_with_its_cause(
     assert "Traceback" not in result.stderr
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri(digits))
     assert client.search_model_versions("name='broken-run'") == []
-
-
-def _ray_job_logs(cluster: RunningCluster, submission_id: str) -> str:
-    """The job's log as Ray's own CLI prints it (with the cluster's token)."""
-    return support.run(
-        "ray",
-        "job",
-        "logs",
-        "--address",
-        cluster.dashboard_url,
-        submission_id,
-        ray_env=cluster.ray_env,
-    ).stdout
