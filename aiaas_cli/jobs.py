@@ -96,7 +96,8 @@ def tune(config_path: Path, cluster_path: Path, follow: bool, resume: bool, dry_
 
     config = loader.load(config_path, TuneConfig)
     cluster = target.load_cluster(cluster_path)
-    preflight.check_tune(config, config_path, cluster)
+    uri = target.use_registry(cluster) if config.finetune is not None else None
+    preflight.check_tune(config, config_path, cluster, uri)
     extra = ("--resume",) if resume else ()
     if dry_run:
         click.echo(

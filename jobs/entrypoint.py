@@ -12,12 +12,10 @@ from aiaas import errors, settings
 from aiaas.storage import Storage
 from jobs import outcomes, records
 
-#: The outcome model a job's work returns.
-Outcome = TypeVar(
-    "Outcome", outcomes.TrainingOutcome, outcomes.FinetuneOutcome, outcomes.OptimizeReport
-)
 #: An outcome that a gate judged.
 Judged = outcomes.TrainingOutcome | outcomes.FinetuneOutcome | outcomes.OptimizeReport
+#: The outcome model a job's work returns (a tune job's: either search's).
+Outcome = TypeVar("Outcome", bound=Judged)
 
 
 class GateFailed(errors.JobError):

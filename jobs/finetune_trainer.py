@@ -122,8 +122,14 @@ def read_splits(config: FinetuneConfig, prepared: Prepared) -> dict[str, Any]:
     return splits
 
 
-def build_trainer(config: FinetuneConfig, prepared: Prepared) -> Any:
-    """The run's TorchTrainer (checkpoints under ``runs/<name>`` of the storage root)."""
+def build_trainer(
+    config: FinetuneConfig,
+    prepared: Prepared,
+    run_name: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> Any:
+    """The run's TorchTrainer (checkpoints under ``runs/<name>`` of the storage root; a tune
+    trial names its own run and passes Tune's report callback)."""
     from ray.train import RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -135,10 +141,11 @@ def build_trainer(config: FinetuneConfig, prepared: Prepared) -> Any:
         scaling_config=config.scaling.scaling_config(),
         torch_config=TorchConfig(backend=plan.backend),
         run_config=RunConfig(
-            name=config.name,
+            name=run_name or config.name,
             storage_path=prepared.storage.path("runs"),
             checkpoint_config=config.checkpoint_config(),
             failure_config=config.failure_config(),
+            callbacks=callbacks,
         ),
         datasets=read_splits(config, prepared),
     )

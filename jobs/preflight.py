@@ -54,39 +54,58 @@ def _check_placement(scaling: ScalingSpec, config_path: Path, cluster: ClusterCo
         )
 
 
-def check_tune(config: TuneConfig, config_path: Path, cluster: ClusterConfig) -> TrainConfig:
-    """The train config loads, every end of every range makes a valid train config, and a
-    trial's workers fit the cluster; returns the train config.
+def check_tune(
+    config: TuneConfig, config_path: Path, cluster: ClusterConfig, uri: str | None = None
+) -> TrainConfig | FinetuneConfig:
+    """The searched config loads, every end of every range makes a valid config of its kind,
+    and a trial fits the cluster (for a finetune search: its base model is in the registry at
+    ``uri`` and its data set fits); returns the searched config.
 
     Raises:
         ConfigError: What is wrong and how to fix it.
     """
-    from pydantic import ValidationError
-
-    train_path = Path(config.train)
-    if not train_path.is_file():
+    field = "finetune" if config.finetune is not None else "train"
+    searched_path = Path(config.searched)
+    if not searched_path.is_file():
         raise errors.ConfigError(
-            f"{config_path}: train: {config.train} does not exist",
-            "Name a train config relative to the project root, e.g. configs/train/digits_mlp.yaml.",
+            f"{config_path}: {field}: {config.searched} does not exist",
+            f"Name a {field} config relative to the project root, e.g. "
+            + (
+                "configs/finetune/smollm2_iso_dates_lora_quick.yaml."
+                if field == "finetune"
+                else "configs/train/digits_mlp.yaml."
+            ),
         )
-    base = loader.load(train_path, TrainConfig)
-    data = base.model_dump(mode="json")
-    for path, domain in config.search_space.items():
-        for value in domain.values():
-            try:
-                TrainConfig.model_validate(apply(data, {path: value}))
-            except ValidationError as exc:
-                reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
-                raise errors.ConfigError(
-                    f"{config_path}: search_space.{path}: {value!r} is not a valid value for "
-                    f"{config.train}: {reason}",
-                    "Narrow the range or list to values the train config accepts.",
-                ) from None
+    if field == "finetune":
+        searched = loader.load(searched_path, FinetuneConfig)
+        _check_ends(config, config_path, searched)
+        check_finetune(searched, config_path, cluster, uri or "")
+        return searched
+    base = loader.load(searched_path, TrainConfig)
+    _check_ends(config, config_path, base)
     trial = base
     if config.scaling is not None:
         trial = base.model_copy(update={"scaling": config.scaling})
     check_train(trial, config_path, cluster)
     return base
+
+
+def _check_ends(config: TuneConfig, config_path: Path, base: TrainConfig | FinetuneConfig) -> None:
+    """Every end of every range, set alone, still makes a valid config."""
+    from pydantic import ValidationError
+
+    data = base.model_dump(mode="json")
+    for path, domain in config.search_space.items():
+        for value in domain.values():
+            try:
+                type(base).model_validate(apply(data, {path: value}))
+            except ValidationError as exc:
+                reason = exc.errors(include_url=False)[0]["msg"].removeprefix("Value error, ")
+                raise errors.ConfigError(
+                    f"{config_path}: search_space.{path}: {value!r} is not a valid value for "
+                    f"{config.searched}: {reason}",
+                    "Narrow the range or list to values the searched config accepts.",
+                ) from None
 
 
 def _alive_node_resources(cluster: ClusterConfig) -> list[dict[str, float]] | None:

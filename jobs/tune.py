@@ -66,10 +66,17 @@ def _trial(
     trial_trainer.fit()
 
 
-def run(config: TuneConfig, config_path: Path, resume: bool) -> outcomes.TrainingOutcome:
+def run(
+    config: TuneConfig, config_path: Path, resume: bool
+) -> outcomes.TrainingOutcome | outcomes.FinetuneOutcome:
     """Search, write the results table, evaluate and register the best trial."""
     from ray import tune
 
+    if config.finetune is not None:
+        from jobs import tune_finetune
+
+        return tune_finetune.run(config, config_path, resume)
+    assert config.train is not None
     base = loader.load(config.train, TrainConfig)
     first = trial_config(config, base, {})
     storage, schema = trainer.prepare(first, config_path)
@@ -86,31 +93,10 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> outcomes.Trainin
         # The trial only drives its Train run, whose workers hold the CPUs (Tune refuses 0).
         {"CPU": 0.01},
     )
-    experiment = storage.path("tune", config.name)
-    resumed = resume and tune.Tuner.can_restore(experiment)
-    if resumed:
-        tuner = tune.Tuner.restore(
-            experiment, trainable, resume_unfinished=True, resume_errored=True
-        )
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=config.param_space(),
-            tune_config=tune.TuneConfig(
-                metric=config.metric,
-                mode=config.mode,
-                num_samples=config.num_samples,
-                max_concurrent_trials=config.max_concurrent_trials,
-                search_alg=search_algorithm(config),
-                scheduler=_scheduler(config, _max_epochs(config, base)),
-            ),
-            run_config=tune.RunConfig(
-                name=config.name, storage_path=storage.path("tune"), verbose=0
-            ),
-        )
+    tuner, resumed = search(config, storage, trainable, _max_epochs(config, base), resume)
     grid = tuner.fit()
     table = _table(config, grid, base)
-    storage.write_bytes(f"tune/{config.name}/results.parquet", _parquet(table))
+    storage.write_bytes(f"tune/{config.name}/results.parquet", parquet(table))
     progress.emit({"trials": table})
     best = _best(config, grid)
     winner = trial_config(config, base, best.params)
@@ -139,6 +125,35 @@ def run(config: TuneConfig, config_path: Path, resume: bool) -> outcomes.Trainin
     )
 
 
+def search(
+    config: TuneConfig, storage: Storage, trainable: Any, longest: int, resume: bool
+) -> tuple[Any, bool]:
+    """The run's Tuner over ``trainable`` (restored with ``resume`` when the run exists) and
+    whether it was restored; ``longest`` is the most reports a trial makes (ASHA's ``max_t``)."""
+    from ray import tune
+
+    experiment = storage.path("tune", config.name)
+    if resume and tune.Tuner.can_restore(experiment):
+        restored = tune.Tuner.restore(
+            experiment, trainable, resume_unfinished=True, resume_errored=True
+        )
+        return restored, True
+    tuner = tune.Tuner(
+        trainable,
+        param_space=config.param_space(),
+        tune_config=tune.TuneConfig(
+            metric=config.metric,
+            mode=config.mode,
+            num_samples=config.num_samples,
+            max_concurrent_trials=config.max_concurrent_trials,
+            search_alg=search_algorithm(config),
+            scheduler=scheduler(config, longest),
+        ),
+        run_config=tune.RunConfig(name=config.name, storage_path=storage.path("tune"), verbose=0),
+    )
+    return tuner, False
+
+
 def search_algorithm(config: TuneConfig) -> Any:
     """Random and grid sampling, seeded by the config so a search can be drawn again."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -153,7 +168,7 @@ def _max_epochs(config: TuneConfig, base: TrainConfig) -> int:
     return int(max(searched.values())) if searched is not None else base.epochs
 
 
-def _scheduler(config: TuneConfig, epochs: int) -> Any:
+def scheduler(config: TuneConfig, epochs: int) -> Any:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, MedianStoppingRule
 
     spec = config.scheduler
@@ -182,17 +197,17 @@ def _table(config: TuneConfig, grid: Any, base: TrainConfig) -> list[dict[str, A
         status = "ERROR" if result.error else ("STOPPED EARLY" if run < epochs else "COMPLETED")
         rows.append(
             {
-                "trial_id": _trial_id(result),
-                **{f"param.{k}": _plain(v) for k, v in sorted((result.config or {}).items())},
+                "trial_id": trial_id(result),
+                **{f"param.{k}": plain(v) for k, v in sorted((result.config or {}).items())},
                 config.metric: None if best is None else float(best),
                 "epochs_run": run,
                 "status": status,
             }
         )
-    return sorted(rows, key=lambda r: (r[config.metric] is None, _order(config, r)))
+    return sorted(rows, key=lambda r: (r[config.metric] is None, order(config, r)))
 
 
-def _order(config: TuneConfig, row: dict[str, Any]) -> float:
+def order(config: TuneConfig, row: dict[str, Any]) -> float:
     value = row[config.metric] or 0.0
     return -value if config.mode == "max" else value
 
@@ -227,22 +242,22 @@ def _best(config: TuneConfig, grid: Any) -> _BestTrial:
     pick = max if config.mode == "max" else min
     _, result, path = pick(candidates, key=lambda c: c[0])
     return _BestTrial(
-        trial_id=_trial_id(result),
-        params={k: _plain(v) for k, v in (result.config or {}).items()},
+        trial_id=trial_id(result),
+        params={k: plain(v) for k, v in (result.config or {}).items()},
         checkpoint=Checkpoint(path),
         history=[trainer.history_row(row) for row in result.metrics_dataframe.to_dict("records")],
     )
 
 
-def _trial_id(result: Any) -> str:
+def trial_id(result: Any) -> str:
     return str((result.metrics or {}).get("trial_id") or Path(result.path or "?").name)
 
 
-def _plain(value: Any) -> Any:
+def plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-def _parquet(rows: list[dict[str, Any]]) -> bytes:
+def parquet(rows: list[dict[str, Any]]) -> bytes:
     import io
 
     import pandas as pd
@@ -269,7 +284,13 @@ def main(argv: list[str]) -> int:
         lambda: run(loader.load(config_path, TuneConfig), config_path, "--resume" in argv),
     )
     registered = outcome.registered if outcome else None
-    if outcome and registered:
+    if isinstance(outcome, outcomes.FinetuneOutcome):
+        from jobs import tune_finetune
+
+        line = tune_finetune.registered_line(outcome)
+        if line:
+            print(line)
+    elif outcome and registered:
         print(
             f"Registered {registered.model} version {registered.version} from trial "
             f"{outcome.best_trial} (test accuracy {outcome.test.accuracy:.4f})"

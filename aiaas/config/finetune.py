@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 
 
+#: What a fine-tuning run reports at each eval step (what a finetune search can compare).
+STEP_METRICS = ("eval_loss", "train_loss")
+
+
 class LoraSpec(ConfigModel):
     """The low-rank adapter peft adds beside the chosen linear layers (``method: lora``)."""
 

@@ -1,9 +1,9 @@
-"""``kind: tune`` — a hyperparameter search over a train config with Ray Tune.
+"""``kind: tune`` — a hyperparameter search over a train or finetune config with Ray Tune.
 
-The search space names fields of the train config by dotted path (``optimizer.lr``,
-``model.hidden_sizes``); each trial is that train config with the trial's values, run by the
-same training loop as ``jobs.train``. Validated without Ray; ``domain()`` and ``scheduler()``
-convert to Tune objects lazily.
+The search space names fields of the searched config by dotted path (``optimizer.lr``,
+``model.hidden_sizes``, ``lora.rank``); each trial is that config with the trial's values, run
+by the same loop as ``jobs.train`` or ``jobs.finetune``. Validated without Ray; ``domain()`` and
+``scheduler()`` convert to Tune objects lazily.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, field_validator, model_validator
+from pydantic import Field, PositiveInt, ValidationInfo, field_validator, model_validator
 
 from aiaas.config.base import ConfigModel, Name
+from aiaas.config.finetune import STEP_METRICS, FinetuneConfig
 from aiaas.config.train import EPOCH_METRICS, RegisterSpec, ScalingSpec, TrainConfig
 
 _RANGES = ("uniform", "loguniform", "randint")
@@ -90,16 +91,29 @@ class SchedulerSpec(ConfigModel):
 
 
 class TuneConfig(ConfigModel):
-    """A search over a train config's hyperparameters; the best trial can be registered."""
+    """A search over a train or finetune config's hyperparameters; the best trial can be
+    registered."""
 
     kind: Literal["tune"] = Field(description="always 'tune'")
     name: Name = Field(description="tune run name; --resume continues the run of this name")
-    train: str = Field(description="the train config searched, e.g. configs/train/digits_mlp.yaml")
-    search_space: dict[str, Domain] = Field(
-        min_length=1, description="dotted train-config field → how to draw it"
+    train: str | None = Field(
+        None, description="the train config searched, e.g. configs/train/digits_mlp.yaml"
     )
-    metric: str = Field("val_accuracy", description="epoch metric trials are compared by")
-    mode: Literal["max", "min"] = Field("max", description="whether the metric is maximised")
+    finetune: str | None = Field(
+        None,
+        description="or the finetune config searched, e.g. "
+        "configs/finetune/smollm2_iso_dates_lora_quick.yaml",
+    )
+    search_space: dict[str, Domain] = Field(
+        min_length=1, description="dotted field of the searched config → how to draw it"
+    )
+    metric: str = Field(
+        "val_accuracy",
+        description="metric trials are compared by (a finetune search: eval_loss by default)",
+    )
+    mode: Literal["max", "min"] = Field(
+        "max", description="whether the metric is maximised (a finetune search: min by default)"
+    )
     num_samples: PositiveInt = Field(8, description="trials (with grid: repeats of the grid)")
     max_concurrent_trials: PositiveInt = Field(2, description="trials running at once")
     seed: int | None = Field(
@@ -107,29 +121,69 @@ class TuneConfig(ConfigModel):
     )
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="early stopping")
     scaling: ScalingSpec | None = Field(
-        None, description="workers and resources of each trial (default: the train config's)"
+        None,
+        description="workers and resources of each trial of a train search (default: the "
+        "train config's; a finetune search takes the finetune config's)",
     )
     registration: RegisterSpec | None = Field(
-        None, description="registration of the best trial (default: the train config's)"
+        None,
+        description="registration of the best trial of a train search (default: the train "
+        "config's; a finetune search registers as its finetune config says)",
     )
 
-    @field_validator("metric")
+    @model_validator(mode="before")
     @classmethod
-    def _reported(cls, value: str) -> str:
-        if value not in EPOCH_METRICS:
-            raise ValueError(
-                f"the training job never reports '{value}'; use one of {', '.join(EPOCH_METRICS)}"
-            )
-        return value
+    def _finetune_defaults(cls, data: Any) -> Any:
+        # A fine-tune reports losses, not accuracy: without a metric, compare validation loss.
+        if isinstance(data, dict) and data.get("finetune") is not None and "metric" not in data:
+            data = {**data, "metric": "eval_loss", "mode": data.get("mode", "min")}
+        return data
 
     @field_validator("search_space")
     @classmethod
-    def _known_fields(cls, value: dict[str, Domain]) -> dict[str, Domain]:
+    def _known_fields(cls, value: dict[str, Domain], info: ValidationInfo) -> dict[str, Domain]:
+        searched = FinetuneConfig if info.data.get("finetune") is not None else TrainConfig
         for path in value:
-            problem = _field_problem(path)
+            problem = _field_problem(path, searched)
             if problem:
                 raise ValueError(problem)
         return value
+
+    @field_validator("metric")
+    @classmethod
+    def _reported(cls, value: str, info: ValidationInfo) -> str:
+        finetune = info.data.get("finetune") is not None
+        reported = STEP_METRICS if finetune else EPOCH_METRICS
+        if value not in reported:
+            job = "fine-tuning" if finetune else "training"
+            raise ValueError(
+                f"the {job} job never reports '{value}'; use one of {', '.join(reported)}"
+            )
+        return value
+
+    @field_validator("scaling", "registration")
+    @classmethod
+    def _train_search_only(cls, value: Any, info: ValidationInfo) -> Any:
+        finetune = info.data.get("finetune")
+        if value is not None and finetune is not None:
+            raise ValueError(
+                f"a finetune search takes {info.field_name} from its finetune config; set it "
+                f"there ({finetune}) and drop it here"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_searched_config(self) -> TuneConfig:
+        if (self.train is None) == (self.finetune is None):
+            raise ValueError("name the searched config: exactly one of train or finetune")
+        return self
+
+    @property
+    def searched(self) -> str:
+        """The path of the searched config."""
+        found = self.train or self.finetune
+        assert found is not None
+        return found
 
     def trial_count(self) -> int:
         grids = [len(d.grid or []) for d in self.search_space.values() if d.kind == "grid"]
@@ -140,9 +194,23 @@ class TuneConfig(ConfigModel):
         return {path: domain.domain() for path, domain in self.search_space.items()}
 
 
-def _field_problem(path: str) -> str | None:
-    """Why a dotted path names no train-config field a search may set, or None."""
-    model: Any = TrainConfig
+#: Fields that say what a run is, not how it learns: no search may set them.
+_NOT_HYPERPARAMETERS = (
+    "kind",
+    "name",
+    "dataset",
+    "registration",
+    "scaling",
+    "base_model",
+    "method",
+    "checkpoint",
+    "max_failures",
+)
+
+
+def _field_problem(path: str, searched: type[ConfigModel]) -> str | None:
+    """Why a dotted path names no field of the searched config a search may set, or None."""
+    model: Any = searched
     parts = path.split(".")
     for index, part in enumerate(parts):
         fields = getattr(model, "model_fields", None)
@@ -151,16 +219,27 @@ def _field_problem(path: str) -> str | None:
 
             known = sorted(fields) if fields else []
             close = difflib.get_close_matches(part, known, n=1)
-            where = ".".join(parts[:index]) or "the train config"
+            label = "finetune" if searched is FinetuneConfig else "train"
+            where = ".".join(parts[:index]) or f"the {label} config"
             guess = f"; did you mean '{close[0]}'?" if close else ""
             return f"'{path}': {where} has no field '{part}'{guess}"
         annotation = fields[part].annotation
-        model = annotation if isinstance(annotation, type) else None
-    if path in ("kind", "name", "dataset", "registration", "scaling"):
+        model = _config_model(annotation)
+    if parts[0] in _NOT_HYPERPARAMETERS:
         return (
-            f"'{path}' is not a hyperparameter; search model, optimizer, schedule or batch fields"
+            f"'{path}' is not a hyperparameter; search the optimizer, schedule, batch or model "
+            "fields (a finetune config's lora fields too)"
         )
     return None
+
+
+def _config_model(annotation: Any) -> type | None:
+    """The config model of a field (``LoraSpec | None`` → ``LoraSpec``), or None."""
+    if isinstance(annotation, type):
+        return annotation
+    inner = [a for a in getattr(annotation, "__args__", ()) if isinstance(a, type)]
+    models = [a for a in inner if hasattr(a, "model_fields")]
+    return models[0] if models else None
 
 
 def apply(train: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
