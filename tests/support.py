@@ -121,6 +121,11 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
         "mlflow": {"port": mlflow},
         "env": {
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2",
+            # Behind HAProxy a stopping replica stays reachable this long (Ray's default: 30 s,
+            # for load balancers to deregister it) before it refuses connections, which HAProxy
+            # retries elsewhere: on one machine 3 s is plenty, and every delete, downscale and
+            # replaced replica of the suite waited the 30 s.
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "3",
             "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
             "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
         },
