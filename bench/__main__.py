@@ -16,6 +16,7 @@ BENCHMARKS = [
     "bench.training_scale",
     "bench.jobs",
     "bench.llm",
+    "bench.finetune",
 ]
 
 
