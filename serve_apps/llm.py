@@ -112,6 +112,7 @@ class LLMServer:
         self.slots = serve_http.Slots(args.models, self._load, serve_http.replica_user_config())
         for name, base in self.adapter_bases.items():  # a base loaded after its adapter
             self._check_fits(self.slots.loaded[name], self.slots.loaded[base])
+
         # Ray Serve's model multiplexing owns the per-replica adapter cache (LRU, metrics, and
         # routing by the serve_multiplexed_model_id header); what it caches is a holder.
         async def new_holder(name: str) -> multi_lora.Holder:
