@@ -58,10 +58,6 @@ class AdapterWeights:
     scale: float
     matrices: dict[str, tuple[torch.Tensor, torch.Tensor]]  # module → (A [r, in], B [out, r])
 
-    @property
-    def modules(self) -> list[str]:
-        return sorted(self.matrices)
-
 
 def read(directory: Path) -> AdapterWeights:
     """A peft LoRA adapter directory (``adapter_config.json``, ``adapter_model.safetensors``).
