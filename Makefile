@@ -16,7 +16,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export RAY_USAGE_STATS_ENABLED := 0
 unexport RAY_ADDRESS RAY_API_SERVER_ADDRESS RAY_AUTH_TOKEN
 
-.PHONY: demo predict test lint bench down install clean prometheus
+.PHONY: demo predict test lint bench down install clean prometheus redis
 
 DEMO_ROW := [0,0,5,13,9,1,0,0,0,0,13,15,10,15,5,0,0,3,15,2,0,11,8,0,0,4,12,0,0,8,8,0,0,5,8,0,0,9,8,0,0,4,11,0,1,12,7,0,0,2,14,5,10,12,0,0,0,0,6,13,10,0,0,0]
 EMBED_CURL := curl -s -X POST http://127.0.0.1:8000/v1/embeddings -H 'content-type: application/json' -d '{"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat.", "Ray Serve scales replicas."]}'
@@ -38,7 +38,12 @@ install: $(STAMP)
 prometheus:
 	command -v prometheus >/dev/null && command -v promtool >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-demo: $(STAMP) prometheus
+# Debian's redis-server: the store of the GCS's state (gcs_fault_tolerance), started by
+# `aiaas cluster up` on 127.0.0.1 with a password; never as a system service.
+redis:
+	command -v redis-server >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends redis-server; }
+
+demo: $(STAMP) prometheus redis
 	$(AIAAS) validate configs/cluster/*.yaml
 	$(AIAAS) cluster up $(CLUSTER)
 	$(AIAAS) cluster status $(CLUSTER)
@@ -87,7 +92,7 @@ predict:
 	$(CHAT_CURL)
 	@echo
 
-test: $(STAMP) prometheus
+test: $(STAMP) prometheus redis
 	$(BIN)/lint-imports
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -99,7 +104,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-bench: $(STAMP)
+bench: $(STAMP) prometheus redis
 	command -v wrk >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends wrk; }
 	$(BIN)/python -m bench
 

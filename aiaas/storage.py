@@ -7,6 +7,7 @@ cluster's own record of what it started) lives here, under relative paths such a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from urllib.parse import urlparse
@@ -78,10 +79,7 @@ class Storage:
         try:
             self._fs.create_dir(parent, recursive=True)
             if self.is_local:
-                temporary = f"{full}.{uuid.uuid4().hex}.tmp"
-                with self._fs.open_output_stream(temporary) as stream:
-                    stream.write(data)
-                self._fs.move(temporary, full)
+                _replace_durably(full, data)
             else:
                 # Object stores replace whole objects on write, which is already atomic.
                 with self._fs.open_output_stream(full) as stream:
@@ -104,6 +102,27 @@ class Storage:
         full = self.path(relative)
         if self._fs.get_file_info(full).type != pafs.FileType.NotFound:
             self._fs.delete_file(full)
+
+
+def _replace_durably(full: str, data: bytes) -> None:
+    """Write a temporary file, fsync it, rename it over ``full`` and fsync the directory: after
+    a crash (a killed head, a lost machine) readers find the old file or the new one, whole."""
+    temporary = f"{full}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(temporary, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, full)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    directory = os.open(os.path.dirname(full), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _check_inside(part: str) -> None:

@@ -203,6 +203,13 @@ def _print_addresses(config: ClusterConfig, gcs_address: str, dashboard_url: str
     click.echo(f"  Metrics (head):       http://127.0.0.1:{config.ports.metrics_export}/metrics")
     click.echo(f"  MLflow registry:      {config.mlflow_url() or '(disabled)'}")
     click.echo(f"  Prometheus:           {config.prometheus_url()} (aiaas monitor up)")
+    if config.gcs_fault_tolerance.enabled:
+        click.echo(
+            f"  GCS state in Redis:   127.0.0.1:{config.ports.redis} (a supervisor restarts "
+            "lost nodes and services)"
+        )
+    else:
+        click.echo("  GCS fault tolerance:  disabled (a dead head forgets the cluster)")
     click.echo(f"  Storage root:         {config.storage_root}")
     if config.auth_mode == "token":
         click.echo(f"  Ray token:            {ray_auth.token_path(config)} (mode 0600)")

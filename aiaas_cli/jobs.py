@@ -162,9 +162,13 @@ def list_jobs(cluster_path: Path) -> None:
     for record in found:
         fresh = submit.refresh(cluster, record)
         when = datetime.datetime.fromtimestamp(record.submitted_at).strftime("%Y-%m-%d %H:%M:%S")
+        if record.status == records.DAMAGED:
+            when = "?"
+        said = submission.summary(record.result)
+        if not said and fresh.status in ("FAILED", records.DAMAGED):
+            said = (fresh.message or "").splitlines()[0][:160] if fresh.message else ""
         click.echo(
-            f"{record.submission_id:<52} {record.kind:<8} {fresh.status:<10} {when:<19} "
-            f"{submission.summary(record.result)}"
+            f"{record.submission_id:<52} {record.kind:<8} {fresh.status:<10} {when:<19} {said}"
         )
 
 

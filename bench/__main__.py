@@ -17,6 +17,7 @@ BENCHMARKS = [
     "bench.jobs",
     "bench.llm",
     "bench.finetune",
+    "bench.faults",
 ]
 
 

@@ -71,6 +71,10 @@ def node_env(config: ClusterConfig) -> dict[str, str]:
         env["RAY_GRAFANA_IFRAME_HOST"] = config.grafana.iframe_url or config.grafana.url
     if config.serve_ingress == "haproxy":
         env.update(haproxy_env(config))
+    if config.gcs_fault_tolerance.enabled:
+        # Raylets, workers and drivers wait this long for a restarted GCS instead of exiting.
+        timeout = config.gcs_fault_tolerance.reconnect_timeout_s
+        env["RAY_gcs_rpc_server_reconnect_timeout_s"] = str(int(timeout))
     env.update(config.env)
     return env
 

@@ -23,7 +23,7 @@ import psutil
 from aiaas import errors, ray_auth
 from aiaas.config.cluster import ClusterConfig, NodeSpec
 from aiaas.dashboard import Dashboard
-from cluster import environment, mlflow_service, ports, processes, state
+from cluster import environment, mlflow_service, ports, processes, redis_service, state
 
 # Ray puts "session_<date>_<time>_<pid>/sockets/plasma_store" (~64 characters) under a node's
 # temp dir, and Unix socket paths stop at 107 characters.
@@ -83,7 +83,16 @@ def down(config: ClusterConfig, echo: Echo = lambda _: None) -> DownResult:
         if recorded is None:
             return DownResult(found=False)
         count = 0
-        for group in (recorded.services, recorded.workers(), [recorded.head()]):
+        # The supervisor first, or it would start again what is being stopped; Redis last, so
+        # the GCS never sees its store vanish while it runs.
+        by_group = _services_by_group(recorded)
+        for group in (
+            by_group["supervisor"],
+            by_group["other"],
+            recorded.workers(),
+            [recorded.head()],
+            by_group["redis"],
+        ):
             sessions = _our_sessions(group)
             if sessions:
                 echo(f"Stopping {', '.join(node.name for node in group)} ...")
@@ -101,6 +110,13 @@ def down(config: ClusterConfig, echo: Echo = lambda _: None) -> DownResult:
         return DownResult(found=True, nodes=[node.name for node in recorded.nodes], processes=count)
 
 
+def _services_by_group(recorded: state.ClusterState) -> dict[str, list[state.NodeRecord]]:
+    found: dict[str, list[state.NodeRecord]] = {"supervisor": [], "redis": [], "other": []}
+    for service in recorded.services:
+        found[service.group if service.group in found else "other"].append(service)
+    return found
+
+
 def plan(config: ClusterConfig) -> list[_PlannedNode]:
     """The nodes ``up`` starts, head first, with their names."""
     nodes = [_PlannedNode("head", "head", "head", config.head)]
@@ -111,8 +127,10 @@ def plan(config: ClusterConfig) -> list[_PlannedNode]:
 
 
 @contextmanager
-def _lock(config: ClusterConfig) -> Iterator[None]:
-    # Two `up`s at once would both find no cluster and both start one.
+def _lock(config: ClusterConfig, wait: bool = True) -> Iterator[bool]:
+    """Hold the cluster's lock: two `up`s at once would both find no cluster and both start
+    one, and the supervisor must not restart what `down` is stopping. Yields False (holding
+    nothing) when ``wait`` is off and another process holds it."""
     lock_path = Path(config.temp_root).expanduser() / f"{config.name}.lock"
     try:
         lock_path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,11 +140,18 @@ def _lock(config: ClusterConfig) -> Iterator[None]:
             f"cannot create {lock_path}: {exc}", "Set 'temp_root' to a writable directory."
         ) from None
     with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            yield
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+held = _lock
 
 
 def _preflight(config: ClusterConfig, config_path: Path) -> None:
@@ -135,6 +160,15 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
     ]
     if config.mlflow.enabled:
         wanted.append(("mlflow", "port", config.mlflow.port))
+    if not config.gcs_fault_tolerance.enabled:
+        wanted = [entry for entry in wanted if entry[1] != "redis"]
+    elif redis_service.available() is None:
+        raise errors.ClusterError(
+            f"gcs_fault_tolerance is on in {config_path} but there is no redis-server on this "
+            "machine",
+            "Install it (make install does: Debian's redis-server), or set "
+            f"'gcs_fault_tolerance: {{enabled: false}}' in {config_path}. Nothing was started.",
+        )
     for section, name, port in wanted:
         if not ports.is_free(port):
             raise errors.PortInUseError(
@@ -173,11 +207,11 @@ def _preflight(config: ClusterConfig, config_path: Path) -> None:
 
 
 def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> UpResult | None:
-    """Report the running cluster, restarting lost workers; None when it must start anew."""
+    """Report the running cluster, restarting what was lost; None when it must start anew."""
     head = previous.head()
     head_alive = processes.leader(head.pid, head.create_time) is not None
     with Dashboard(previous.dashboard_url, config.auth_mode) as dashboard:
-        if not (head_alive and dashboard.reachable()):
+        if not survives_head(config, previous) and not (head_alive and dashboard.reachable()):
             echo(f"Cluster '{config.name}' was recorded but its head is gone; cleaning up.")
             processes.stop_sessions(_our_sessions([*previous.nodes, *previous.services]))
             state.forget(config)
@@ -188,43 +222,64 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
                 f"{previous.config_path})",
                 "Run 'aiaas cluster down' first to apply the new config.",
             )
-        lost = [
-            node
-            for node in previous.workers()
-            if processes.leader(node.pid, node.create_time) is None
-        ]
-        lost_services = [
-            service
-            for service in previous.services
-            if processes.leader(service.pid, service.create_time) is None
-        ]
-        # Only MLflow comes back with the cluster; a lost Prometheus is `aiaas monitor up`'s.
-        dropped = [service for service in lost_services if service.group != "mlflow"]
-        lost_services = [service for service in lost_services if service.group == "mlflow"]
-        if dropped:
-            previous = previous.model_copy(
-                update={"services": [s for s in previous.services if s not in dropped]}
-            )
-            state.save(config, previous)
-        if not lost and not lost_services:
-            return UpResult(state=previous, already_running=True)
-        names = [node.name for node in [*lost, *lost_services]]
-        echo(f"Restarting lost part(s): {', '.join(names)}")
-        processes.stop_sessions(_our_sessions([*lost, *lost_services]))
-        by_name = {node.name: node for node in plan(config)}
-        known = {node["node_id"] for node in dashboard.nodes()}
-        restarted = [
-            _start_node(config, by_name[node.name], _worker_address(config)) for node in lost
-        ]
-        services = [mlflow_service.start(config) for _ in lost_services]
-        try:
-            _wait_alive(dashboard, restarted, known, _deadline(config))
-            for service in services:
-                mlflow_service.wait_healthy(service, _deadline(config))
-        except BaseException:
-            processes.stop_sessions([node.pid for node in [*restarted, *services]])
-            raise
-    fresh = {node.name: node for node in [*restarted, *services]}
+        return heal(config, previous, dashboard, echo)
+
+
+def survives_head(config: ClusterConfig, recorded: state.ClusterState) -> bool:
+    """A lost head is restarted in place: its GCS finds the cluster's state in Redis."""
+    return config.gcs_fault_tolerance.enabled and any(
+        service.group == redis_service.NAME for service in recorded.services
+    )
+
+
+def lost_parts(recorded: state.ClusterState) -> list[state.NodeRecord]:
+    """Recorded nodes and services whose process is gone."""
+    return [
+        part
+        for part in [*recorded.nodes, *recorded.services]
+        if processes.leader(part.pid, part.create_time) is None
+    ]
+
+
+def heal(
+    config: ClusterConfig,
+    previous: state.ClusterState,
+    dashboard: Dashboard,
+    echo: Echo,
+    skip: frozenset[str] = frozenset(),
+) -> UpResult:
+    """Start again every lost node and service of a recorded cluster, in the order they
+    depend on each other: Redis, the head, the workers, the services; then put back what Ray
+    could not keep. ``skip`` names parts the caller restarts itself (the supervisor)."""
+    lost = [part for part in lost_parts(previous) if part.name not in skip]
+    if not lost:
+        return UpResult(state=previous, already_running=True)
+    names = [part.name for part in lost]
+    echo(f"Restarting lost part(s): {', '.join(names)}")
+    processes.stop_sessions(_our_sessions(lost))
+    by_name = {node.name: node for node in plan(config)}
+    fresh: dict[str, state.NodeRecord] = {}
+    started: list[state.NodeRecord] = []
+    deadline = _deadline(config)
+    try:
+        for part in _in_start_order(lost):
+            if part.role == "service":
+                record = _restart_service(config, part, deadline)
+            else:
+                address = None if part.role == "head" else _worker_address(config)
+                if part.role == "head":
+                    # `ray start --head` refuses to start where its last address is recorded
+                    # while a worker's raylet still names that GCS (they wait for it to return).
+                    (Path(part.temp_dir) / "ray_current_cluster").unlink(missing_ok=True)
+                record = _start_node(config, by_name[part.name], address)
+                if part.role == "head":
+                    _wait_alive(dashboard, [record], deadline)
+            started.append(record)
+            fresh[part.name] = record
+        _wait_alive(dashboard, [r for r in started if r.role == "worker"], deadline)
+    except BaseException:
+        processes.stop_sessions([record.pid for record in started])
+        raise
     current = previous.model_copy(
         update={
             "nodes": [fresh.get(node.name, node) for node in previous.nodes],
@@ -233,6 +288,39 @@ def _reuse(config: ClusterConfig, previous: state.ClusterState, echo: Echo) -> U
     )
     state.save(config, current)
     return UpResult(state=current, restarted=names)
+
+
+def _in_start_order(parts: list[state.NodeRecord]) -> list[state.NodeRecord]:
+    rank = {"redis": 0, "head": 1, "worker": 2}
+    return sorted(parts, key=lambda part: rank.get(part.group, rank.get(part.role, 3)))
+
+
+def _restart_service(
+    config: ClusterConfig, lost: state.NodeRecord, deadline: float
+) -> state.NodeRecord:
+    if lost.group == redis_service.NAME:
+        record = redis_service.start(config)
+        redis_service.wait_ready(config, record, deadline)
+        return record
+    if lost.group == "mlflow":
+        record = mlflow_service.start(config)
+        mlflow_service.wait_healthy(record, deadline)
+        return record
+    # Prometheus and the supervisor run again as they were started.
+    env = environment.node_env(config)
+    leader = processes.spawn(lost.command, env, Path(lost.log_path))
+    record = lost.model_copy(update={"pid": leader.pid, "create_time": leader.create_time()})
+    if lost.url:
+        processes.wait_answering(
+            lost.name,
+            record.pid,
+            record.create_time,
+            f"{lost.url}{lost.health_path}",
+            lost.log_path,
+            deadline,
+            f"See {lost.log_path}.",
+        )
+    return record
 
 
 def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.ClusterState:
@@ -245,9 +333,13 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
     try:
         with Dashboard(config.dashboard_url(), config.auth_mode) as dashboard:
             head_plan, *worker_plans = plan(config)
+            if config.gcs_fault_tolerance.enabled:
+                echo(f"Starting Redis for the GCS's state ({redis_service.address(config)}) ...")
+                services.append(redis_service.start(config))
+                redis_service.wait_ready(config, services[-1], deadline)
             echo(f"Starting head node (dashboard {config.dashboard_url()}) ...")
             started.append(_start_node(config, head_plan, None))
-            _wait_alive(dashboard, started, set(), deadline)
+            _wait_alive(dashboard, started, deadline)
             if worker_plans:
                 echo(f"Starting {len(worker_plans)} worker node(s) ...")
                 workers = [
@@ -257,12 +349,15 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
             if config.mlflow.enabled:
                 echo(f"Starting MLflow tracking server ({config.mlflow_url()}) ...")
                 services.append(mlflow_service.start(config))
-            _wait_alive(dashboard, started[1:], set(), deadline)
+            _wait_alive(dashboard, started[1:], deadline)
             for service in services:
-                mlflow_service.wait_healthy(service, deadline)
+                if service.group == "mlflow":
+                    mlflow_service.wait_healthy(service, deadline)
             head_ip = next(
                 node["node_ip"] for node in dashboard.nodes() if node.get("is_head_node")
             )
+            if config.gcs_fault_tolerance.enabled:
+                services.append(_start_supervisor(config, config_path))
     except BaseException:
         # Never leave half a cluster behind, whatever interrupted the start.
         if started:
@@ -284,6 +379,29 @@ def _start(config: ClusterConfig, config_path: Path, echo: Echo) -> state.Cluste
     )
     state.save(config, current)
     return current
+
+
+def _start_supervisor(config: ClusterConfig, config_path: Path) -> state.NodeRecord:
+    """The process that restarts lost nodes and services (cluster/supervisor.py)."""
+    log_path = environment.cluster_dir(config) / "supervisor.log"
+    command = [
+        sys.executable,
+        "-m",
+        "cluster.supervisor",
+        str(config_path.resolve()),
+        str(environment.cluster_dir(config)),  # in its command line: how down knows it as ours
+    ]
+    leader = processes.spawn(command, environment.node_env(config), log_path)
+    return state.NodeRecord(
+        name="supervisor",
+        role="service",
+        group="supervisor",
+        pid=leader.pid,
+        create_time=leader.create_time(),
+        temp_dir=str(environment.cluster_dir(config)),
+        log_path=str(log_path),
+        command=command,
+    )
 
 
 def _worker_address(config: ClusterConfig) -> str:
@@ -323,8 +441,15 @@ def _start_node(
     agent_port = ports.pick_free(1, avoid=taken)[0]
     command.append(f"--dashboard-agent-listen-port={agent_port}")
     taken.add(agent_port)
+    env = environment.node_env(config)
     if head_address is None:
         metrics_port = config.ports.metrics_export
+        if config.gcs_fault_tolerance.enabled:
+            env["RAY_REDIS_ADDRESS"] = redis_service.address(config)
+            # Keys of this cluster's tables in a Redis that may serve several.
+            env["RAY_external_storage_namespace"] = config.name
+            # Ray tells its GCS the password on its command line; see cluster/redis_service.py.
+            command.append(f"--redis-password={redis_service.password(config)}")
         command += [
             "--head",
             f"--port={config.ports.gcs}",
@@ -338,7 +463,7 @@ def _start_node(
         command.append(f"--address={head_address}")
     command.append(f"--metrics-export-port={metrics_port}")
     log_path = temp_dir / "ray-start.log"
-    leader = processes.spawn(command, environment.node_env(config), log_path)
+    leader = processes.spawn(command, env, log_path)
     return state.NodeRecord(
         name=node.name,
         role=node.role,
@@ -352,10 +477,8 @@ def _start_node(
     )
 
 
-def _wait_alive(
-    dashboard: Dashboard, nodes: list[state.NodeRecord], known_ids: set[str], deadline: float
-) -> None:
-    """Wait until every node is ALIVE in Ray (as a node id not in ``known_ids``)."""
+def _wait_alive(dashboard: Dashboard, nodes: list[state.NodeRecord], deadline: float) -> None:
+    """Wait until every node is ALIVE in Ray, registered since its process started."""
     waiting = {node.name for node in nodes}
     while True:
         for node in nodes:
@@ -364,11 +487,15 @@ def _wait_alive(
                     f"node '{node.name}' exited while starting; the last lines of "
                     f"{node.log_path}:\n{processes.log_tail(Path(node.log_path))}"
                 )
+        started = {node.name: node.create_time for node in nodes}
         try:
+            # A restarted node has a new id; its old entry may still read ALIVE for a while
+            # (the GCS finds its death late), so only an entry that began after it counts.
             alive = {
                 entry["node_name"]
                 for entry in dashboard.nodes()
-                if entry["state"] == _ALIVE and entry["node_id"] not in known_ids
+                if entry["state"] == _ALIVE
+                and entry.get("start_time_ms", 0) / 1000 >= started.get(entry["node_name"], 0) - 2
             }
         except errors.ClusterError:
             alive = set()  # the dashboard is not up yet

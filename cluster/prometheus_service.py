@@ -106,6 +106,8 @@ def start(
         temp_dir=str(where),
         log_path=str(log_path),
         url=cluster.prometheus_url(),
+        command=command,
+        health_path="/-/ready",
     )
 
 

@@ -24,6 +24,11 @@ _REMOTE_PROJECT = "/home/ray/aiaas"
 #: Ray's docs have users make with `ray get-auth-token --generate` before launching a cluster.
 _RAY_UP_TOKEN = "/home/ray/.ray/auth_token"
 _LOCAL_TOKEN = "~/.ray/auth_token"
+#: The external Redis's password on a ray-up head (synced from the file next_steps names).
+_RAY_UP_REDIS_PASSWORD = "/home/ray/.ray/redis_password"
+_LOCAL_REDIS_PASSWORD = "~/.ray/redis_password"
+#: Where a rendered cluster's GCS keeps its state when no Redis address is configured.
+_DEFAULT_REDIS = "redis:6379"
 
 
 def storage_root(config: ClusterConfig) -> str:
@@ -39,6 +44,13 @@ def warnings(config: ClusterConfig) -> list[str]:
         found.append(
             f"storage root '{root}' is local to each machine: checkpoints and the registry will "
             "not be shared; set deploy.storage_root to an s3:// or gs:// URI"
+        )
+    fault = config.gcs_fault_tolerance
+    if fault.enabled and fault.redis_address is None:
+        found.append(
+            f"gcs_fault_tolerance is on but gcs_fault_tolerance.redis_address is unset: the "
+            f"rendered head keeps its GCS state in Redis at {_DEFAULT_REDIS}; set the address of "
+            "a Redis you run (with a password) that outlives the head"
         )
     if config.auth_mode == "disabled":
         found.append(
@@ -60,6 +72,12 @@ def next_steps(config: ClusterConfig, target: str, output: Path) -> list[str]:
         steps = [f"ray up {output}"]
         if config.auth_mode == "token":
             steps.insert(0, f"ray get-auth-token --generate   # makes {_LOCAL_TOKEN}, synced")
+        if config.gcs_fault_tolerance.enabled:
+            steps.insert(
+                len(steps) - 1,
+                f"(umask 077; echo YOUR_REDIS_PASSWORD > {_LOCAL_REDIS_PASSWORD})   # synced to "
+                "the head",
+            )
         return steps
     steps = [f"kubectl apply -f {output}"]
     if config.auth_mode == "token":
@@ -70,7 +88,22 @@ def next_steps(config: ClusterConfig, target: str, output: Path) -> list[str]:
             f"kubectl create secret generic {secret} -n {namespace} "
             "--from-literal=auth_token=$(openssl rand -hex 32)",
         )
+    if config.gcs_fault_tolerance.enabled:
+        steps.insert(
+            len(steps) - 1,
+            f"kubectl create secret generic {redis_secret(config)} -n "
+            f"{config.deploy.kuberay.namespace} --from-literal=password=YOUR_REDIS_PASSWORD",
+        )
     return steps
+
+
+def redis_secret(config: ClusterConfig) -> str:
+    """The Kubernetes Secret (key ``password``) with the external Redis's password."""
+    return f"{config.name}-redis"
+
+
+def _redis_address(config: ClusterConfig) -> str:
+    return config.gcs_fault_tolerance.redis_address or _DEFAULT_REDIS
 
 
 def _dashboard_host(config: ClusterConfig) -> str:
@@ -98,6 +131,20 @@ def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
             "Use the 'name' of a group under 'worker_groups'.",
         )
     env = _exports({**_env(config), **_ray_up_auth(config)})
+    head_env = env
+    redis_flag = ""
+    mounts: dict[str, str] = {}
+    if config.gcs_fault_tolerance.enabled:
+        head_env = _exports(
+            {
+                **_env(config),
+                **_ray_up_auth(config),
+                "RAY_REDIS_ADDRESS": _redis_address(config),
+                "RAY_external_storage_namespace": config.name,
+            }
+        )
+        redis_flag = f'--redis-password="$(cat {_RAY_UP_REDIS_PASSWORD})" '
+        mounts[_RAY_UP_REDIS_PASSWORD] = _LOCAL_REDIS_PASSWORD
     node_types: dict[str, Any] = {
         "head": {
             "resources": _ray_up_resources(config.head),
@@ -131,6 +178,7 @@ def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
         "file_mounts": {
             _REMOTE_PROJECT: ".",
             **({_RAY_UP_TOKEN: _LOCAL_TOKEN} if config.auth_mode == "token" else {}),
+            **mounts,
         },
         "rsync_exclude": [".venv", "**/__pycache__", "data", ".aiaas"],
         "setup_commands": [
@@ -140,7 +188,7 @@ def ray_up(config: ClusterConfig, config_path: Path) -> dict[str, Any]:
         ],
         "head_start_ray_commands": [
             "ray stop",
-            f"{env} ray start --head --port={config.ports.gcs} "
+            f"{head_env} ray start --head --port={config.ports.gcs} {redis_flag}"
             f"--dashboard-host={_dashboard_host(config)} "
             f"--dashboard-port={config.ports.dashboard} "
             f"--metrics-export-port={config.ports.metrics_export} "
@@ -182,6 +230,23 @@ def kuberay(config: ClusterConfig) -> dict[str, Any]:
             else {"mode": "disabled"}
         ),
         "enableInTreeAutoscaling": autoscale,
+        **(
+            {
+                # KubeRay restarts a lost head pod; with its GCS state in Redis, the workers
+                # and their Serve replicas wait for it instead of being restarted too.
+                "gcsFaultToleranceOptions": {
+                    "redisAddress": _redis_address(config),
+                    "redisPassword": {
+                        "valueFrom": {
+                            "secretKeyRef": {"name": redis_secret(config), "key": "password"}
+                        }
+                    },
+                    "externalStorageNamespace": config.name,
+                }
+            }
+            if config.gcs_fault_tolerance.enabled
+            else {}
+        ),
         "headGroupSpec": {
             "rayStartParams": head_params,
             "template": _pod_template(config, "ray-head", config.head, env, head_ports),
@@ -237,6 +302,15 @@ def _env(config: ClusterConfig) -> dict[str, str]:
         settings.STORAGE_ROOT: storage_root(config),
         settings.CLUSTER_NAME: config.name,
         "RAY_USAGE_STATS_ENABLED": "0",
+        **(
+            {
+                "RAY_gcs_rpc_server_reconnect_timeout_s": str(
+                    int(config.gcs_fault_tolerance.reconnect_timeout_s)
+                )
+            }
+            if config.gcs_fault_tolerance.enabled
+            else {}
+        ),
     }
 
 

@@ -28,6 +28,10 @@ class NodeRecord(BaseModel):
     metrics_export_port: int = 0
     agent_port: int = 0
     url: str | None = None
+    # How a service is started again as it was (Prometheus, the supervisor), and what of
+    # ``url`` answers 200 once it is ready.
+    command: list[str] = []
+    health_path: str = ""
 
 
 class ClusterState(BaseModel):

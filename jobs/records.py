@@ -23,6 +23,8 @@ from aiaas.storage import Storage
 from jobs import outcomes
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+#: A record whose files cannot be read; shown as such, never refreshed or rewritten.
+DAMAGED = "DAMAGED"
 
 
 class JobRecord(BaseModel):
@@ -126,11 +128,21 @@ def load(storage: Storage, submission_id: str) -> JobRecord | None:
     text = storage.read_text(f"jobs/{submission_id}/record.json")
     if text is None:
         return None
-    record = JobRecord.model_validate_json(text)
+    try:
+        record = JobRecord.model_validate_json(text)
+    except ValueError as exc:
+        return _damaged(storage, submission_id, "record.json", exc)
     text = storage.read_text(f"jobs/{submission_id}/result.json")
     if text is None:
         return record
-    result = json.loads(text)
+    try:
+        result = json.loads(text)
+        if not isinstance(result, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as exc:
+        if record.status in TERMINAL:
+            return record
+        return _damaged(storage, submission_id, "result.json", exc, record)
     update: dict[str, Any] = {"result": result}
     if record.status not in TERMINAL:
         # The job wrote its outcome but its cluster went away before the record was refreshed.
@@ -138,6 +150,35 @@ def load(storage: Storage, submission_id: str) -> JobRecord | None:
         outcome = outcomes.parse(result)
         update["status"] = "FAILED" if outcome is None or outcome.error else "SUCCEEDED"
     return record.model_copy(update=update)
+
+
+def _damaged(
+    storage: Storage,
+    submission_id: str,
+    name: str,
+    error: ValueError,
+    record: JobRecord | None = None,
+) -> JobRecord:
+    """A record that says which of its files cannot be read (a half-written or edited file),
+    so that one damaged job never hides the others."""
+    path = storage.path(f"jobs/{submission_id}/{name}")
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    message = f"{path} cannot be read ({first_line}); move it away or restore it from a backup"
+    if record is not None:
+        return record.model_copy(update={"status": DAMAGED, "message": message})
+    return JobRecord(
+        submission_id=submission_id,
+        kind="?",
+        config_name="?",
+        config_path="?",
+        config_hash="?",
+        config={},
+        entrypoint="?",
+        address="?",
+        submitted_at=0.0,
+        status=DAMAGED,
+        message=message,
+    )
 
 
 def all_records(storage: Storage) -> list[JobRecord]:

@@ -150,6 +150,8 @@ def submit_entrypoint(
 
 def refresh(cluster: ClusterConfig, record: records.JobRecord) -> records.JobRecord:
     """Bring a record up to date from Ray while the cluster runs; keep it otherwise."""
+    if record.status == records.DAMAGED:
+        return record
     if record.status in records.TERMINAL and record.log_tail is not None:
         return record
     try:
@@ -159,16 +161,44 @@ def refresh(cluster: ClusterConfig, record: records.JobRecord) -> records.JobRec
         return record
     status = str(getattr(info.status, "value", info.status))
     update: dict[str, Any] = {"status": status, "message": info.message}
-    if status in records.TERMINAL:
+    if status in ("PENDING", "RUNNING") and _driver_node_dead(cluster, info.driver_node_id):
+        # Ray 2.60 keeps such a job RUNNING for good after a head restart (its supervisor
+        # actor died with the node, and nothing marks it): aiaas says what happened.
+        update = {"status": "FAILED", "message": lost_with_head(record, info.driver_node_id)}
+    if update["status"] in records.TERMINAL:
         update["ended_at"] = (info.end_time or 0) / 1000 or time.time()
-        update["log_tail"] = "\n".join(
-            jobs_client.get_job_logs(record.submission_id).splitlines()[-40:]
-        )
+        try:
+            logs = jobs_client.get_job_logs(record.submission_id)
+        except Exception:  # the driver's node (which serves its log) is gone
+            logs = "(the job's log was on the node that died)"
+        update["log_tail"] = "\n".join(logs.splitlines()[-40:])
     fresh = record.model_copy(update=update)
     if fresh != record:
         # Only on change: `wait` polls every second and need not rewrite an unchanged record.
         records.save(Storage(cluster.storage_root), fresh.model_copy(update={"result": None}))
     return fresh
+
+
+def lost_with_head(record: records.JobRecord, node_id: str | None) -> str:
+    """The cause recorded for a job whose driver's node died under it."""
+    again = f"aiaas {record.kind} {record.config_path}" if record.kind != "?" else "it"
+    return (
+        f"lost with the head node: its driver ran on node {(node_id or '?')[:12]}, which died "
+        f"while the job ran; submit {again} again (training resumes from its latest checkpoint)"
+    )
+
+
+def _driver_node_dead(cluster: ClusterConfig, node_id: str | None) -> bool:
+    if not node_id:
+        return False
+    from aiaas.dashboard import Dashboard
+
+    try:
+        with Dashboard(cluster.dashboard_url(), cluster.auth_mode) as dashboard:
+            states = {node["node_id"]: node["state"] for node in dashboard.nodes()}
+    except errors.ClusterError:
+        return False
+    return states.get(node_id) == "DEAD"
 
 
 def wait(cluster: ClusterConfig, submission_id: str, timeout_s: float = 3600) -> records.JobRecord:

@@ -84,9 +84,19 @@ def free_ports(count: int) -> list[int]:
 
 def write_cluster_config(directory: Path, name: str, workers: int, **overrides: Any) -> Path:
     """A small cluster config with its own ports, storage root and (short) temp root."""
-    (gcs, dashboard, client, metrics, mlflow, prometheus, stats, hap_metrics, fallback, grpc) = (
-        free_ports(10)
-    )
+    (
+        gcs,
+        dashboard,
+        client,
+        metrics,
+        mlflow,
+        prometheus,
+        stats,
+        hap_metrics,
+        fallback,
+        grpc,
+        redis,
+    ) = free_ports(11)
     config: dict[str, Any] = {
         "kind": "cluster",
         "name": name,
@@ -117,6 +127,7 @@ def write_cluster_config(directory: Path, name: str, workers: int, **overrides: 
             "haproxy_metrics": hap_metrics,
             "serve_fallback_http": fallback,
             "serve_fallback_grpc": grpc,
+            "redis": redis,
         },
         "mlflow": {"port": mlflow},
         "env": {

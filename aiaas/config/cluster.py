@@ -160,6 +160,10 @@ class HeadPorts(ConfigModel):
     serve_fallback_grpc: Port = Field(
         9500, description="gRPC port of that fallback proxy (serve_ingress: haproxy)"
     )
+    redis: Port = Field(
+        6380,
+        description="the Redis that keeps the GCS's state (gcs_fault_tolerance), on 127.0.0.1",
+    )
 
     @model_validator(mode="after")
     def _distinct(self) -> HeadPorts:
@@ -185,6 +189,38 @@ class MlflowSpec(ConfigModel):
         description="runs and registry database; defaults to SQLite under a local storage root "
         "(a remote storage root needs e.g. postgresql://...)",
     )
+
+
+class GcsFaultTolerance(ConfigModel):
+    """Ray's GCS fault tolerance: the GCS writes its tables to Redis, so a restarted head finds
+    the cluster's nodes, jobs, actors and Serve apps where it left them."""
+
+    enabled: bool = Field(
+        True,
+        description="keep the GCS's state in Redis; 'cluster up' starts Debian's redis-server on "
+        "127.0.0.1 with a password (its data under the storage root) and a supervisor that "
+        "restarts lost nodes and services; false: a dead head forgets the cluster",
+    )
+    redis_address: str | None = Field(
+        None,
+        description="an external Redis (host:port) for rendered clusters (ray up / KubeRay); "
+        "the local cluster always starts its own",
+    )
+    reconnect_timeout_s: PositiveFloat = Field(
+        120,
+        description="how long worker nodes (raylets) and drivers wait for a restarted GCS before "
+        "they give up (Ray's RAY_gcs_rpc_server_reconnect_timeout_s, default 60)",
+    )
+    supervise_interval_s: PositiveFloat = Field(
+        1.0, description="how often the supervisor checks the cluster's processes"
+    )
+
+    @field_validator("redis_address")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+:\d{1,5}", value):
+            raise ValueError(f"'{value}' is not host:port; write e.g. redis.internal:6379")
+        return value
 
 
 class GrafanaSpec(ConfigModel):
@@ -254,6 +290,10 @@ class ClusterConfig(ConfigModel):
     )
     ports: HeadPorts = Field(default_factory=HeadPorts, description="fixed ports of the head")
     mlflow: MlflowSpec = Field(default_factory=MlflowSpec, description="the tracking server")
+    gcs_fault_tolerance: GcsFaultTolerance = Field(
+        default_factory=GcsFaultTolerance,
+        description="survive the head node: the GCS's state in Redis, lost processes restarted",
+    )
     grafana: GrafanaSpec = Field(
         default_factory=GrafanaSpec, description="the Grafana the Ray dashboard embeds"
     )

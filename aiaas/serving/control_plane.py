@@ -22,6 +22,8 @@ from pydantic import ValidationError
 
 from aiaas import errors, ray_auth
 from aiaas.dashboard import Dashboard
+from aiaas.serving import applied, edit_lock
+from aiaas.storage import Storage
 
 if TYPE_CHECKING:
     from ray.serve.schema import (
@@ -60,9 +62,15 @@ class ControlPlane:
             which replicas accept there, never on predict); asked when first needed.
     """
 
-    def __init__(self, dashboard: Dashboard, status_headers: Callable[[], dict[str, str]]) -> None:
+    def __init__(
+        self,
+        dashboard: Dashboard,
+        status_headers: Callable[[], dict[str, str]],
+        record: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.dashboard = dashboard
         self._status_headers = status_headers
+        self._record = record
         self._apps: httpx.Client | None = None
 
     def close(self) -> None:
@@ -75,11 +83,23 @@ class ControlPlane:
     def of(cls, cluster: ClusterConfig, timeout_s: float = 10.0) -> Iterator[ControlPlane]:
         """The control plane of ``cluster``, its connections closed on exit."""
         with Dashboard(cluster.dashboard_url(), cluster.auth_mode, timeout_s) as dashboard:
-            plane = cls(dashboard, lambda: ray_auth.headers(cluster))
+            plane = cls(
+                dashboard,
+                lambda: ray_auth.headers(cluster),
+                lambda body: applied.save(Storage(cluster.storage_root), cluster.name, body),
+            )
             try:
                 yield plane
             finally:
                 plane.close()
+
+    @classmethod
+    @contextmanager
+    def editing(cls, cluster: ClusterConfig, timeout_s: float = 10.0) -> Iterator[ControlPlane]:
+        """The control plane of ``cluster`` for a read-modify-write of Serve's config, holding
+        the cluster's edit lock (:mod:`aiaas.serving.edit_lock`) throughout."""
+        with edit_lock.held(cluster), cls.of(cluster, timeout_s) as plane:
+            yield plane
 
     def details(self) -> ServeInstanceDetails:
         """Serve's whole state; no apps when the dashboard answers but Serve has not started.
@@ -108,7 +128,11 @@ class ControlPlane:
     def put(self, config: ServeDeploySchema) -> None:
         """Deploy a complete Serve config (every app; apps left out are deleted), sent as Ray's
         ``serve deploy`` sends it: only the fields that were set."""
-        self.dashboard.put_serve(config.model_dump(mode="json", exclude_unset=True))
+        body = config.model_dump(mode="json", exclude_unset=True)
+        self.dashboard.put_serve(body)
+        if self._record is not None:
+            # What Serve was last told: put back by the supervisor if a restarted head lost it.
+            self._record(body)
 
     def wait_gone(self, name: str, timeout_s: float) -> None:
         """Wait until Serve has let the app go (its replicas stopped, its CPUs free again).

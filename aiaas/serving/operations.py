@@ -64,7 +64,7 @@ def deploy(
     names = [app.name for app in resolved]
     if dry_run:
         return names
-    with ControlPlane.of(cluster) as plane:
+    with ControlPlane.editing(cluster) as plane:
         details = plane.details()
         previous = control_plane.deployed(details)
         base = wanted
@@ -223,7 +223,7 @@ def delete(cluster: ClusterConfig, name: str, timeout_s: float = 120) -> None:
     Raises:
         ConfigError: No app of that name. DeployError: Serve still deletes it at ``timeout_s``.
     """
-    with ControlPlane.of(cluster) as plane:
+    with ControlPlane.editing(cluster) as plane:
         details = plane.details()
         running = control_plane.deployed(details)
         if name not in running:

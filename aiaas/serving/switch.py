@@ -66,7 +66,7 @@ def follow_alias(
     Returns:
         The apps switched (empty when none serves that alias or Serve is not running).
     """
-    with ControlPlane.of(cluster) as plane:
+    with ControlPlane.editing(cluster) as plane:
         try:
             details = plane.details()
         except errors.ClusterError:

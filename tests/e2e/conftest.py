@@ -14,6 +14,12 @@ import pytest
 from tests import support
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that kill the session cluster's head run last: whatever they break, no other test
+    runs on a cluster that went through it."""
+    items.sort(key=lambda item: item.get_closest_marker("kills_the_head") is not None)
+
+
 @dataclass
 class RunningCluster:
     """A cluster started with the real `aiaas cluster up`."""

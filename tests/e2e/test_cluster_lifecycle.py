@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from pathlib import Path
 
 import psutil
@@ -87,22 +88,28 @@ def test_demo_job_runs_a_task_on_every_node(cluster: RunningCluster) -> None:
         assert f"  node {name:<10}" in result.stdout
 
 
-def test_up_restarts_a_lost_worker(cluster: RunningCluster) -> None:
+def test_a_lost_worker_is_restarted_without_a_command(cluster: RunningCluster) -> None:
     lost = next(node for node in cluster.state()["nodes"] if node["name"] == "cpu-2")
     members = [p for p in psutil.process_iter() if _sid(p.pid) == lost["pid"]]
     for process in members:
         process.send_signal(signal.SIGKILL)
     psutil.wait_procs(members, timeout=10)
+    deadline = time.monotonic() + 90
+    while cluster.state()["nodes"][2]["pid"] == lost["pid"]:
+        assert time.monotonic() < deadline, "the supervisor did not restart cpu-2"
+        time.sleep(0.5)
+    # `cluster up` finds the cluster whole again (the supervisor restarted the node in place).
     result = support.run("aiaas", "cluster", "up", str(cluster.config_path))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "restarted cpu-2" in result.stdout
+    assert "already running" in result.stdout, result.stdout
     alive = {
         node["NodeName"]
         for node in support.ray_nodes(cluster.gcs_address, cluster.ray_env)
         if node["Alive"]
     }
     assert alive == {"head", "cpu-1", "cpu-2"}
-    assert cluster.state()["nodes"][2]["pid"] != lost["pid"]
+    log = Path(cluster.state()["cluster_dir"]) / "supervisor.log"
+    assert "restarted: cpu-2" in log.read_text()
 
 
 def test_down_stops_exactly_what_up_started(tmp_path: Path) -> None:
@@ -126,7 +133,12 @@ def _check_down_stops_everything(small: RunningCluster, bystander: psutil.Proces
     # Prometheus from `monitor up` is stopped by `cluster down` too (its port is checked below).
     monitored = support.run("aiaas", "monitor", "up", "--cluster", str(small.config_path))
     assert monitored.returncode == 0, monitored.stdout + monitored.stderr
-    assert [s["name"] for s in small.state()["services"]] == ["mlflow", "prometheus"]
+    assert [s["name"] for s in small.state()["services"]] == [
+        "redis",
+        "mlflow",
+        "supervisor",
+        "prometheus",
+    ]
     sessions = [node["pid"] for node in [*small.state()["nodes"], *small.state()["services"]]]
     config = yaml.safe_load(small.config_path.read_text())
     ports = {**config["ports"], "mlflow": config["mlflow"]["port"]}

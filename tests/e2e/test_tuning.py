@@ -57,12 +57,14 @@ def test_a_search_stops_weak_trials_early_and_registers_the_best(digits: Running
 def test_a_stopped_search_resumes_without_rerunning_finished_trials(
     digits: RunningCluster, tmp_path: Path
 ) -> None:
+    space = yaml.safe_load((support.REPO / TINY).read_text())["search_space"]
     path = _tune_variant(
         tmp_path,
         "tune-resume",
-        num_samples=4,
+        num_samples=3,
         max_concurrent_trials=1,
         scheduler={"name": "none"},
+        search_space={**space, "epochs": {"grid": [2]}},  # short trials: the resume is tested
     )
     submitted = aiaas_cli(digits, "tune", str(path))
     assert submitted.returncode == 0, submitted.stderr
@@ -75,8 +77,8 @@ def test_a_stopped_search_resumes_without_rerunning_finished_trials(
         return max((text.count('\\"status\\": \\"TERMINATED\\"') for text in texts), default=0)
 
     deadline = time.monotonic() + 600
-    while finished() < 2:
-        assert time.monotonic() < deadline, "no two trials finished"
+    while finished() < 1:
+        assert time.monotonic() < deadline, "no trial finished"
         time.sleep(2)
     stopped = aiaas_cli(digits, "jobs", "stop", submission_id)
     assert stopped.returncode == 0, stopped.stderr
@@ -88,13 +90,13 @@ def test_a_stopped_search_resumes_without_rerunning_finished_trials(
     resumed_id = resumed.stdout.split("Submitted ", 1)[1].split()[0]
     record = json.loads(aiaas_cli(digits, "jobs", "status", resumed_id, "--json").stdout)
     assert record["result"]["resumed"] is True
-    assert len(record["result"]["trials"]) == 4
+    assert len(record["result"]["trials"]) == 3
     # Each trial trains under its own Train run; a finished trial's run is never written again.
     runs = sorted((storage_root(digits) / "runs").glob("tune-resume-*"))
-    assert len(runs) == 4
+    assert len(runs) == 3
 
     def last_write(run: Path) -> float:
         return max(p.stat().st_mtime for p in run.rglob("*"))
 
     written_after = [run.name for run in runs if last_write(run) > stopped_at]
-    assert len(written_after) <= 4 - done_before, (written_after, done_before)
+    assert len(written_after) <= 3 - done_before, (written_after, done_before)

@@ -59,7 +59,7 @@ def test_unknown_key_without_close_match_lists_allowed_fields(tmp_path: Path) ->
     assert _error(path).splitlines()[1] == (
         "  • ports.zzz (line 13): unknown field; allowed fields: gcs, dashboard, client_server, "
         "metrics_export, prometheus, haproxy_stats, haproxy_metrics, serve_fallback_http, "
-        "serve_fallback_grpc"
+        "serve_fallback_grpc, redis"
     )
 
 

@@ -81,3 +81,30 @@ def test_a_gate_failure_is_recorded_with_its_measurements(
         "registration gate failed: test loss 0.1000 is not <= 0.05; nothing was registered"
     )
     assert record.outcome.registered is None
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [("record.json", '{"submission_id": "half'), ("record.json", "[]"), ("result.json", "{oops")],
+)
+def test_a_damaged_record_is_reported_and_hides_no_other_job(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    storage = Storage(str(tmp_path))
+    _record(storage, "good")
+    _record(storage, "bad")
+    Path(storage.path(f"jobs/bad/{name}")).write_text(text)
+    found = {record.submission_id: record for record in records.all_records(storage)}
+    assert found["good"].status == "PENDING"
+    assert found["bad"].status == records.DAMAGED
+    assert found["bad"].message is not None
+    assert found["bad"].message.startswith(f"{storage.path(f'jobs/bad/{name}')} cannot be read (")
+    assert found["bad"].message.endswith("move it away or restore it from a backup")
+
+
+def test_a_write_leaves_no_temporary_file_and_replaces_whole(tmp_path: Path) -> None:
+    storage = Storage(str(tmp_path))
+    _record(storage, "one")
+    _record(storage, "one")
+    assert sorted(p.name for p in (tmp_path / "jobs" / "one").iterdir()) == ["record.json"]
+    assert records.load(storage, "one") is not None

@@ -163,3 +163,41 @@ def test_a_cluster_without_auth_binds_no_dashboard_to_every_interface() -> None:
     assert kuberay["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "127.0.0.1"
     assert kuberay["spec"]["authOptions"] == {"mode": "disabled"}
     assert any("auth_mode: disabled" in warning for warning in render.warnings(config))
+
+
+def test_gcs_fault_tolerance_renders_an_external_redis_with_its_password_by_reference() -> None:
+    config = _config(gcs_fault_tolerance={"redis_address": "redis.internal:6379"})
+    kuberay = render.kuberay(config)
+    assert kuberay["spec"]["gcsFaultToleranceOptions"] == {
+        "redisAddress": "redis.internal:6379",
+        "redisPassword": {
+            "valueFrom": {"secretKeyRef": {"name": "local-redis", "key": "password"}}
+        },
+        "externalStorageNamespace": "local",
+    }
+    env = {
+        e["name"]: e["value"]
+        for e in kuberay["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["RAY_gcs_rpc_server_reconnect_timeout_s"] == "120"
+    steps = render.next_steps(config, "kuberay", Path("c.yaml"))
+    assert steps[-1] == "kubectl apply -f c.yaml"
+    assert any(step.startswith("kubectl create secret generic local-redis") for step in steps)
+    assert not any("redis_address is unset" in w for w in render.warnings(config))
+
+    ray_up = render.ray_up(config, LOCAL)
+    head = ray_up["head_start_ray_commands"][1]
+    assert "RAY_REDIS_ADDRESS=redis.internal:6379" in head
+    assert "RAY_external_storage_namespace=local" in head
+    assert '--redis-password="$(cat /home/ray/.ray/redis_password)"' in head
+    assert ray_up["file_mounts"]["/home/ray/.ray/redis_password"] == "~/.ray/redis_password"
+    assert "RAY_REDIS_ADDRESS" not in ray_up["worker_start_ray_commands"][1]
+    assert render.next_steps(config, "ray-up", Path("c.yaml"))[-1] == "ray up c.yaml"
+
+
+def test_gcs_fault_tolerance_off_renders_no_redis_and_unset_address_is_warned() -> None:
+    assert any("redis_address is unset" in w for w in render.warnings(_config()))
+    config = _config(gcs_fault_tolerance={"enabled": False})
+    assert "gcsFaultToleranceOptions" not in render.kuberay(config)["spec"]
+    assert "RAY_REDIS_ADDRESS" not in render.ray_up(config, LOCAL)["head_start_ray_commands"][1]
+    assert not any("redis" in w for w in render.warnings(config))
