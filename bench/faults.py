@@ -90,6 +90,7 @@ class _Load:
 class _Cluster:
     def __init__(self, directory: Path, name: str, fault_tolerance: bool) -> None:
         env = yaml.safe_load((support.REPO / "configs/cluster/local.yaml").read_text())["env"]
+        directory.mkdir(parents=True, exist_ok=True)
         self.config = support.write_cluster_config(
             directory,
             name,

@@ -95,6 +95,9 @@ def haproxy_env(config: ClusterConfig) -> dict[str, str]:
         # A replica that refuses a connection is gone (they listen on this machine): mark it
         # down at once so the retry goes to a live one, not to it twice more (Ray's default 3).
         "RAY_SERVE_HAPROXY_OBSERVE_ERROR_LIMIT": "1",
+        # The controller finds a dead HAProxy after 3 failed proxy health checks: every 10 s by
+        # default, so 29 s without an ingress (bench/faults.py); every 2 s, about 6 s.
+        "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
         "RAY_SERVE_HAPROXY_BINARY_PATH": str(venv_bin() / "aiaas-haproxy"),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(files / "haproxy.cfg"),
         "RAY_SERVE_HAPROXY_SOCKET_PATH": str(files / "admin.sock"),

@@ -66,7 +66,7 @@ def up(config: ClusterConfig, config_path: Path, echo: Echo = lambda _: None) ->
         PortInUseError: A configured port is taken; nothing was started.
         ClusterError: A node did not come up; everything started was stopped again.
     """
-    with _lock(config):
+    with held(config):
         previous = state.load(config)
         if previous is not None:
             reused = _reuse(config, previous, echo)
@@ -78,7 +78,7 @@ def up(config: ClusterConfig, config_path: Path, echo: Echo = lambda _: None) ->
 
 def down(config: ClusterConfig, echo: Echo = lambda _: None) -> DownResult:
     """Stop exactly the processes ``up`` started for this config, workers first."""
-    with _lock(config):
+    with held(config):
         recorded = state.load(config)
         if recorded is None:
             return DownResult(found=False)
@@ -127,7 +127,7 @@ def plan(config: ClusterConfig) -> list[_PlannedNode]:
 
 
 @contextmanager
-def _lock(config: ClusterConfig, wait: bool = True) -> Iterator[bool]:
+def held(config: ClusterConfig, wait: bool = True) -> Iterator[bool]:
     """Hold the cluster's lock: two `up`s at once would both find no cluster and both start
     one, and the supervisor must not restart what `down` is stopping. Yields False (holding
     nothing) when ``wait`` is off and another process holds it."""
@@ -149,9 +149,6 @@ def _lock(config: ClusterConfig, wait: bool = True) -> Iterator[bool]:
             yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-held = _lock
 
 
 def _preflight(config: ClusterConfig, config_path: Path) -> None:
@@ -252,6 +249,15 @@ def heal(
     depend on each other: Redis, the head, the workers, the services; then put back what Ray
     could not keep. ``skip`` names parts the caller restarts itself (the supervisor)."""
     lost = [part for part in lost_parts(previous) if part.name not in skip]
+    # A service recorded by an older aiaas without its command is forgotten, as before.
+    dropped = [p for p in lost if p.role == "service" and not _restartable(p)]
+    if dropped:
+        echo(f"Forgetting lost service(s) that cannot be restarted: {[p.name for p in dropped]}")
+        previous = previous.model_copy(
+            update={"services": [s for s in previous.services if s not in dropped]}
+        )
+        state.save(config, previous)
+        lost = [part for part in lost if part not in dropped]
     if not lost:
         return UpResult(state=previous, already_running=True)
     names = [part.name for part in lost]
@@ -288,6 +294,10 @@ def heal(
     )
     state.save(config, current)
     return UpResult(state=current, restarted=names)
+
+
+def _restartable(service: state.NodeRecord) -> bool:
+    return service.group in (redis_service.NAME, "mlflow") or bool(service.command)
 
 
 def _in_start_order(parts: list[state.NodeRecord]) -> list[state.NodeRecord]:

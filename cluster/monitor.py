@@ -16,6 +16,7 @@ from cluster import (
     dashboards,
     exporter,
     grafana_provisioning,
+    launcher,
     processes,
     prometheus_service,
     state,
@@ -49,6 +50,13 @@ def recorded_prometheus(recorded: state.ClusterState) -> state.NodeRecord | None
 
 def up(config: ClusterConfig, monitoring: MonitoringConfig) -> UpResult:
     """Start (or refresh) the exporter and Prometheus for the running cluster."""
+    # Under the cluster's lock: the supervisor must not see a Prometheus between its start and
+    # its record (nor restart one that `down` is stopping).
+    with launcher.held(config):
+        return _up(config, monitoring)
+
+
+def _up(config: ClusterConfig, monitoring: MonitoringConfig) -> UpResult:
     recorded = _running_cluster(config)
     prometheus_service.binary(monitoring)  # before anything starts: say how to install it
     try:
@@ -84,6 +92,11 @@ def up(config: ClusterConfig, monitoring: MonitoringConfig) -> UpResult:
 
 def down(config: ClusterConfig) -> list[str]:
     """Stop Prometheus and the exporter; returns what was stopped."""
+    with launcher.held(config):
+        return _down(config)
+
+
+def _down(config: ClusterConfig) -> list[str]:
     recorded = _running_cluster(config)
     stopped = []
     ours = [s for s in recorded.services if s.group == prometheus_service.NAME]

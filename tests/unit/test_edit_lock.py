@@ -87,9 +87,9 @@ def test_two_processes_take_turns_through_redis(redis_cluster: ClusterConfig) ->
 def test_redis_refuses_a_client_without_the_password(redis_cluster: ClusterConfig) -> None:
     import redis
 
-    with redis.Redis(port=redis_cluster.ports.redis, socket_timeout=2) as stranger:
-        with pytest.raises(redis.AuthenticationError):
-            stranger.ping()
+    stranger = redis.Redis(port=redis_cluster.ports.redis, socket_timeout=2)
+    with stranger, pytest.raises(redis.AuthenticationError):
+        stranger.ping()
     password = Path(redis_cluster.local_storage_root() or "") / "clusters/locks/redis/password"
     assert password.stat().st_mode & 0o077 == 0
 
