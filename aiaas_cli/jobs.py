@@ -190,7 +190,7 @@ def status(submission_id: str, cluster_path: Path, as_json: bool) -> None:
     click.echo(f"  config:     {record.config_path} (hash {record.config_hash})")
     if record.result:
         click.echo(f"  result:     {submission.summary(record.result)}")
-    if record.status == "FAILED":
+    if record.status in ("FAILED", "DAMAGED"):
         click.echo(f"  reason:     {submission.reason(record)}")
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -331,9 +332,13 @@ def _second_version(served: Served) -> str:
     return made.stdout.split(f"registered {served.trained.name}:", 1)[1].split()[0]
 
 
+@pytest.fixture(scope="module")
+def second(served: Served) -> str:
+    return _second_version(served)
+
+
 @pytest.mark.slow
-def test_promote_and_rollback_under_load_drop_no_request(served: Served) -> None:
-    second = _second_version(served)
+def test_promote_and_rollback_under_load_drop_no_request(served: Served, second: str) -> None:
     first = served.trained.version
     with Load(served.predict_url()) as load:
         time.sleep(2)
@@ -349,6 +354,51 @@ def test_promote_and_rollback_under_load_drop_no_request(served: Served) -> None
     assert load.failures == []
     assert load.sequence() == [first, second, first]
     assert sum(load.codes.values()) > 50
+
+
+@pytest.mark.slow
+def test_two_promotes_racing_on_two_apps_both_take_effect(
+    served: Served, second: str, tmp_path: Path
+) -> None:
+    """Each promote reads Serve's whole config and writes it back; the cluster's edit lock
+    (in its Redis) makes the second wait for the first instead of undoing its pin."""
+    name, first = served.trained.name, served.trained.version
+    staged = served.cli("models", "promote", name, first, "--alias", "staging")
+    assert staged.returncode == 0, staged.stdout + staged.stderr
+    path = _serve_config(
+        tmp_path, served.port, f"{name}@staging", name="digits-staging", route_prefix="/staging"
+    )
+    deployed = served.cli("serve", "deploy", str(path))
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    try:
+        racers = [
+            subprocess.Popen(
+                [
+                    str(support.BIN / "aiaas"),
+                    *("models", "promote", name, second, "--alias", alias),
+                    *("--cluster", str(served.trained.cluster.config_path)),
+                ],
+                cwd=support.REPO,
+                env=support.env(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for alias in ("production", "staging")
+        ]
+        said = [racer.communicate(timeout=300)[0] for racer in racers]
+        assert [racer.returncode for racer in racers] == [0, 0], said
+        for url in (served.predict_url(), f"{served.url}/staging/digits:predict"):
+            with httpx.Client(timeout=10) as client:
+                versions = {
+                    client.post(url, json={"instances": [[0.0] * 64]}).json()["version"]
+                    for _ in range(8)
+                }
+            assert versions == {second}, (url, versions, said)
+    finally:
+        back = served.cli("models", "promote", name, first)
+        assert back.returncode == 0, back.stdout + back.stderr
+        _delete(served, "digits-staging")
 
 
 @pytest.mark.slow

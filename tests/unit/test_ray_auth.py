@@ -104,7 +104,7 @@ def test_auth_settings_in_env_are_refused(tmp_path: Path) -> None:
     with pytest.raises(errors.ConfigError) as caught:
         loader.load(path, ClusterConfig)
     assert str(caught.value).endswith(
-        "  • env (line 22): 'RAY_AUTH_MODE' is set by aiaas from 'auth_mode' (the same in every "
+        "  • env (line 23): 'RAY_AUTH_MODE' is set by aiaas from 'auth_mode' (the same in every "
         "process, the token by file); remove it from 'env' and set 'auth_mode' instead"
     )
 
