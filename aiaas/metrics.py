@@ -27,6 +27,9 @@ class Metric:
     description: str
     labels: tuple[str, ...]
     boundaries: tuple[float, ...] = ()
+    #: A histogram observed per request at high rates: counted in the replica and exported as
+    #: gauges with the same series names (:mod:`aiaas.replica_histogram`).
+    in_replica: bool = False
 
     @property
     def series(self) -> str:
@@ -51,6 +54,16 @@ class Metric:
             return metrics.Counter(self.name, self.description, tag_keys=labels)
         if self.kind == "gauge":
             return metrics.Gauge(self.name, self.description, tag_keys=labels)
+        if self.in_replica:
+            from aiaas.replica_histogram import ReplicaHistogram
+
+            def gauge(name: str, description: str, tag_keys: tuple[str, ...]) -> Any:
+                keys: Any = tag_keys
+                return metrics.Gauge(name, description, tag_keys=keys)
+
+            return ReplicaHistogram(
+                self.name, self.description, self.boundaries, self.labels, gauge
+            )
         return metrics.Histogram(self.name, self.description, list(self.boundaries), labels)
 
 
@@ -67,9 +80,15 @@ SERVE_LATENCY = Metric(
     "Predict latency inside the replica, in milliseconds.",
     ("model", "version"),
     _LATENCY_MS,
+    in_replica=True,
 )
 SERVE_BATCH_SIZE = Metric(
-    "aiaas_serve_batch_size", "histogram", "Requests per executed batch.", ("model",), _BATCH
+    "aiaas_serve_batch_size",
+    "histogram",
+    "Requests per executed batch.",
+    ("model",),
+    _BATCH,
+    in_replica=True,
 )
 SERVE_PENDING = Metric(
     "aiaas_serve_pending_requests",
@@ -89,7 +108,12 @@ EMBEDDINGS_TOKENS = Metric(
     "aiaas_embeddings_tokens", "counter", "Tokens embedded, by model.", ("model",)
 )
 EMBEDDINGS_BATCH_SIZE = Metric(
-    "aiaas_embeddings_batch_size", "histogram", "Texts per executed batch.", ("model",), _BATCH
+    "aiaas_embeddings_batch_size",
+    "histogram",
+    "Texts per executed batch.",
+    ("model",),
+    _BATCH,
+    in_replica=True,
 )
 
 # Serving: the LLM app (serve_apps/llm.py). One observation per request, never per token: a

@@ -167,6 +167,24 @@ def require_method(request: Request, method: str) -> None:
         )
 
 
+class PrefixRoot:
+    """Serves a request for the route prefix itself as the app's root.
+
+    At ``route_prefix: /v1/embeddings``, ``POST /v1/embeddings`` reaches the app with an empty
+    path, which Starlette answers with a 307 to add a slash: curl does not follow it (``make
+    demo`` printed nothing) and OpenAI clients pay a second round trip. Pure ASGI middleware:
+    it only rewrites the path of such a request."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        root = scope.get("root_path", "") if scope["type"] == "http" else ""
+        if root and scope["path"] == root:
+            scope = {**scope, "path": f"{root}/", "raw_path": f"{root}/".encode()}
+        await self.app(scope, receive, send)
+
+
 def only_at_own_prefix(request: Request, segment: str, name: str | None = None) -> None:
     """Routes an app also serves without its first path ``segment`` (the embeddings app at
     ``/v1/embeddings``) exist only at a route prefix that ends with it. At ``/v1``,

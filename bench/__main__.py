@@ -11,6 +11,7 @@ from bench import report
 BENCHMARKS = [
     "bench.cluster_startup",
     "bench.serving",
+    "bench.shipped",
     "bench.embeddings",
     "bench.training_loop",
     "bench.training_scale",

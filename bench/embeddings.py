@@ -55,14 +55,14 @@ def run() -> list[dict[str, Any]]:
         path.write_text(yaml.safe_dump(config))
         bench.aiaas("serve", "deploy", str(path))
         url = f"http://127.0.0.1:{bench.port}/v1/embeddings"
-        serving._wrk(url, 4, seconds=3, script=LUA)  # warm up
+        serving.wrk(url, 4, seconds=3, script=LUA)  # warm up
         for round_number in range(serving.ROUNDS):
             steps = ["1", "16", "in-process"]
             for step in steps if round_number % 2 == 0 else steps[::-1]:
                 if step == "in-process":
                     found[step].append(_in_process())
                 else:
-                    found[step].append(serving._wrk(url, int(step), script=LUA)["rps"])
+                    found[step].append(serving.wrk(url, int(step), script=LUA)["rps"])
     finally:
         bench.stop()
         shutil.rmtree(directory, ignore_errors=True)

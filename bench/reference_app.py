@@ -1,7 +1,10 @@
 """The plain FastAPI app the serving benchmark compares against: the same registered version,
 the same JSON in and out, the same parsing — no Ray, no batching, one uvicorn worker.
 
-``uvicorn bench.reference_app:app`` with ``BENCH_MODEL=NAME:VERSION`` and MLFLOW_TRACKING_URI.
+``uvicorn bench.reference_app:app`` with ``BENCH_MODEL=NAME:VERSION`` and MLFLOW_TRACKING_URI;
+with ``BENCH_EMBEDDER=NAME:VERSION`` instead, OpenAI's ``POST /v1/embeddings`` for a registered
+sentence-transformers version: the same token count and encode per request as the embeddings
+app, one request at a time.
 """
 
 from __future__ import annotations
@@ -26,8 +29,37 @@ def predict_body(predictor: Any, version: str, body: bytes) -> dict[str, Any]:
     return {"predictions": classes, "model": "digits", "version": version}
 
 
+def embeddings_body(embedder: Any, name: str, version: str, body: bytes) -> dict[str, Any]:
+    payload = json.loads(body)
+    texts = payload["input"] if isinstance(payload["input"], list) else [payload["input"]]
+    tokens = sum(min(n, embedder.max_tokens) for n in embedder.token_counts(texts))
+    vectors = embedder.encode(texts)
+    return {
+        "object": "list",
+        "data": [
+            {"object": "embedding", "index": i, "embedding": vector.tolist()}
+            for i, vector in enumerate(vectors)
+        ],
+        "model": name,
+        "version": version,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
 def _build() -> FastAPI:
     app = FastAPI()
+    embedder_ref = os.environ.get("BENCH_EMBEDDER")
+    if embedder_ref:
+        found = registry.resolve(registry.parse_ref(embedder_ref))
+        embedder = artifacts.load_embedder(found, threads=1)
+
+        @app.post("/v1/embeddings")
+        async def embed(request: Request) -> dict[str, Any]:
+            return embeddings_body(
+                embedder, "all-MiniLM-L6-v2", found.version, await request.body()
+            )
+
+        return app
     reference = os.environ.get("BENCH_MODEL")
     if not reference:
         return app  # imported for its helpers, not served

@@ -77,7 +77,7 @@ serve.run(Reference.bind(), name="serve-default", route_prefix="/ref", blocking=
 """
 
 
-def _wrk(url: str, clients: int, seconds: int = SECONDS, script: Path = LUA) -> dict[str, float]:
+def wrk(url: str, clients: int, seconds: int = SECONDS, script: Path = LUA) -> dict[str, float]:
     out = subprocess.run(
         [
             "wrk",
@@ -209,28 +209,10 @@ class Bench:
         )
         if done.returncode != 0:
             raise RuntimeError(f"deploying Ray Serve's reference failed: {done.stderr[-2000:]}")
-        _wait_ok(f"http://127.0.0.1:{self.port}/ref/digits:predict")
+        wait_ok(f"http://127.0.0.1:{self.port}/ref/digits:predict")
 
     def _start_fastapi(self) -> None:
-        env = {**self.env(), "BENCH_MODEL": f"{MODEL}:1", "OMP_NUM_THREADS": "1"}
-        self.fastapi = subprocess.Popen(
-            [
-                str(BIN / "uvicorn"),
-                "bench.reference_app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.fastapi_port),
-                "--workers",
-                "1",
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            cwd=support.REPO,
-            env=env,
-        )
-        _wait_ok(f"http://127.0.0.1:{self.fastapi_port}/v1/models/digits:predict")
+        self.fastapi = start_fastapi(self.env(), self.fastapi_port, f"{MODEL}:1")
 
     def stop(self) -> None:
         """Stops what start() started; a second call does nothing."""
@@ -241,6 +223,40 @@ class Bench:
         if self.running:
             support.run("aiaas", "cluster", "down", str(self.config))
             self.running = False
+
+
+def start_fastapi(
+    env: dict[str, str], port: int, model: str, embedder: bool = False
+) -> subprocess.Popen[bytes]:
+    """The FastAPI reference (one uvicorn worker, outside Ray) serving ``model`` (NAME:VERSION)
+    from the registry ``env`` names — a digits predictor, or with ``embedder`` an embedding
+    model; returns once it answers."""
+    process = subprocess.Popen(
+        [
+            str(BIN / "uvicorn"),
+            "bench.reference_app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        cwd=support.REPO,
+        env={**env, "BENCH_EMBEDDER" if embedder else "BENCH_MODEL": model, "OMP_NUM_THREADS": "1"},
+    )
+    try:
+        if embedder:
+            wait_ok(f"http://127.0.0.1:{port}/v1/embeddings", EMBEDDING_BODY)
+        else:
+            wait_ok(f"http://127.0.0.1:{port}/v1/models/digits:predict")
+    except RuntimeError:
+        process.terminate()
+        raise
+    return process
 
 
 def _urls(ours: Bench, reference: Bench) -> dict[str, str]:
@@ -254,8 +270,12 @@ def _urls(ours: Bench, reference: Bench) -> dict[str, str]:
     }
 
 
-def _wait_ok(url: str, timeout_s: float = 120) -> None:
-    body = {"instances": [[0.0] * 64]}
+#: A request the embeddings app and its reference both answer.
+EMBEDDING_BODY = {"model": "all-MiniLM-L6-v2", "input": ["A cat sits on the mat."]}
+
+
+def wait_ok(url: str, body: dict[str, Any] | None = None, timeout_s: float = 120) -> None:
+    body = body or {"instances": [[0.0] * 64]}
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -275,13 +295,13 @@ def _measure(urls: dict[str, str]) -> dict[tuple[str, int], list[dict[str, float
     ]
     found: dict[tuple[str, int], list[dict[str, float]]] = {}
     for target in urls:
-        _wrk(urls[target], 8, seconds=2)  # warm every path once
+        wrk(urls[target], 8, seconds=2)  # warm every path once
     for round_number in range(ROUNDS):
         for clients, planned in plan:
             targets = [target for target in planned if target in urls]
             order = targets if round_number % 2 == 0 else targets[::-1]
             for target in order:
-                found.setdefault((target, clients), []).append(_wrk(urls[target], clients))
+                found.setdefault((target, clients), []).append(wrk(urls[target], clients))
     return found
 
 
@@ -452,19 +472,20 @@ def run() -> list[dict[str, Any]]:
             0.25,
         ),
     ]
+    rows += failed_rows(found)
+    return rows
+
+
+def failed_rows(
+    found: dict[tuple[str, int], list[dict[str, float]]], prefix: str = ""
+) -> list[dict[str, Any]]:
+    """A row per target and client count whose runs had failed requests (none is no row)."""
+    rows = []
     for (target, clients), runs in sorted(found.items()):
         failed = sum(r["failed"] for r in runs)
         if failed:
-            rows.append(
-                _row(
-                    f"failed requests: {target}, {clients} clients",
-                    failed,
-                    0.0,
-                    "none",
-                    "req",
-                    None,
-                )
-            )
+            figure = f"{prefix}failed requests: {target}, {clients} clients"
+            rows.append(_row(figure, failed, 0.0, "none", "req", None))
     return rows
 
 

@@ -53,6 +53,7 @@ class Loaded:
 
 app = FastAPI(title="aiaas embeddings", docs_url=None, redoc_url=None)
 serve_http.install_error_handlers(app)
+app.add_middleware(serve_http.PrefixRoot)
 
 
 @serve.deployment(name=serving_apps.EMBEDDINGS.deployment, max_ongoing_requests=64)
@@ -223,8 +224,16 @@ class Embeddings:
                 f'{loaded.embedder.max_tokens} (send "truncate": true to cut longer inputs)',
                 "input",
             )
-        batcher: Any = self.embed_batch  # type: ignore[misc]
-        vectors, version = await batcher(name, texts)
+        if self.pending == 1:
+            # Alone in the replica: nothing could join a batch, so it is not held for one;
+            # requests that arrive while it runs meet each other in the batcher.
+            loaded = self.slots.loaded[name]
+            vectors = await self._in_model_thread(loaded.embedder.encode, texts)
+            version = loaded.version
+            self.batch_sizes.observe(1, tags={"model": name})
+        else:
+            batcher: Any = self.embed_batch  # type: ignore[misc]
+            vectors, version = await batcher(name, texts)
         tokens = sum(min(n, loaded.embedder.max_tokens) for n in counts)
         self.tokens.inc(tokens, tags={"model": name})
         answer = {

@@ -41,7 +41,11 @@ class ModelServerArgs(AppArgs):
 
     max_batch_size: int = Field(32, ge=1, le=1024, description="rows of requests per batch")
     batch_wait_timeout_s: float = Field(
-        0.002, ge=0, le=1, description="longest wait for a batch to fill"
+        0.002,
+        ge=0,
+        le=1,
+        description="longest wait for a batch to fill while other requests are in flight (a "
+        "request alone in its replica is not held)",
     )
     max_instances: int = Field(1024, ge=1, description="instances per request (more: 413)")
     max_payload_bytes: int = Field(1_048_576, ge=1024, description="request body limit (413)")
@@ -65,7 +69,11 @@ class EmbeddingsArgs(AppArgs):
     )
     max_batch_size: int = Field(64, ge=1, le=1024, description="texts per batched forward pass")
     batch_wait_timeout_s: float = Field(
-        0.005, ge=0, le=1, description="longest wait for a batch to fill"
+        0.005,
+        ge=0,
+        le=1,
+        description="longest wait for a batch to fill while other requests are in flight (a "
+        "request alone in its replica is not held)",
     )
     max_inputs: int = Field(256, ge=1, description="texts per request (more: 413)")
     max_payload_bytes: int = Field(2_097_152, ge=1024, description="request body limit (413)")

@@ -117,7 +117,16 @@ def test_the_openai_client_chats_streams_completes_and_lists_every_model(llm: LL
 
     listed = {model.id for model in client.models.list()}
     assert {MODEL, "all-MiniLM-L6-v2"} <= listed
-    # The embeddings app at /v1/embeddings keeps the URL OpenAI clients call.
+    # The embeddings app at /v1/embeddings keeps the URL OpenAI clients call, answered at once
+    # (no redirect to add a slash, which curl would not follow).
+    direct = httpx.post(
+        f"{llm.url}/v1/embeddings",
+        json={"model": "all-MiniLM-L6-v2", "input": ["a cat"]},
+        timeout=60,
+        follow_redirects=False,
+    )
+    assert direct.status_code == 200, (direct.status_code, direct.headers)
+    assert len(direct.json()["data"][0]["embedding"]) == 384
     vectors = client.embeddings.create(model="all-MiniLM-L6-v2", input=["a cat"])
     assert len(vectors.data[0].embedding) == 384
 

@@ -122,3 +122,14 @@ def ray_node_address() -> str:
     import ray.util
 
     return str(ray.util.get_node_ip_address())
+
+
+def test_ray_polls_less_on_every_node_unless_the_config_says_otherwise(tmp_path: Path) -> None:
+    (tmp_path / "quiet").mkdir()
+    (tmp_path / "chatty").mkdir()
+    quiet, _ = _config(tmp_path / "quiet")
+    env = environment.node_env(quiet)
+    for key, value in environment.QUIET_ENV.items():
+        assert env[key] == value, key
+    chatty, _ = _config(tmp_path / "chatty", env={"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1"})
+    assert environment.node_env(chatty)["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
