@@ -219,7 +219,13 @@ def test_ray_client_runs_nothing_without_the_token(cluster: RunningCluster, tmp_
         cluster, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, marker
     )
     assert "ran" not in wrong.split() and not marker.exists(), wrong
-    accepted = _ray_client_probe(cluster, cluster.ray_env, marker)
+    # Ray's client proxier forks a server per client; once in CI that fork died inside gRPC
+    # ("Check failed: next_worker->state == KICKED" in ray_client_server.err) and the client
+    # waited in vain. A second client gets a new server: one retry, never for the refusals.
+    for _ in range(2):
+        accepted = _ray_client_probe(cluster, cluster.ray_env, marker)
+        if "ran" in accepted.split():
+            break
     assert "ran" in accepted.split() and marker.exists(), accepted
 
 
