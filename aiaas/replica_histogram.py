@@ -64,16 +64,19 @@ class ReplicaHistogram:
     def snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float]]:
         """Cumulative counts per bucket (the last is +Inf, the count) and the sum, per key."""
         with self._lock:
-            return {
-                key: (_cumulative(counts), self._sums[key]) for key, counts in self._counts.items()
-            }
+            return self._snapshot()
+
+    def _snapshot(self) -> dict[tuple[str, ...], tuple[list[int], float]]:
+        return {key: (_cumulative(counts), self._sums[key]) for key, counts in self._counts.items()}
 
     def flush(self) -> None:
+        # One hold of the lock: the counts set are the ones the change flag was cleared for.
         with self._lock:
             if not self._changed:
                 return
             self._changed = False
-        for key, (cumulative, total) in self.snapshot().items():
+            found = self._snapshot()
+        for key, (cumulative, total) in found.items():
             tags = dict(zip(self.labels, key, strict=True))
             for le, count in zip(self._les, cumulative, strict=True):
                 self._buckets.set(count, tags={**tags, "le": le})
